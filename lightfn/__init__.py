@@ -1,0 +1,49 @@
+"""lightfn: a functional, JAX-style trainer for PyTorch.
+
+A model is a pure function ``loss_fn(params, batch)``; a training step is a pure function
+``(state, batch) -> (state, metrics)`` compiled whole; all state is one pytree saved as
+safetensors. See README.md for the quickstart and the Lightning -> lightfn table.
+"""
+
+from __future__ import annotations
+
+from . import callbacks, data, distributed, loggers, optim, random, tree
+from .errors import CheckpointError, CompileError, DistributedError, ExportError, LightfnError, StepError, TreeError
+from .module import functionalize
+from .state import TrainState
+from .step import EvalStep, TrainStep, eval_step, train_step
+from .transforms import grad, jit, value_and_grad, vmap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # modules
+    "tree",
+    "random",
+    "optim",
+    "data",
+    "callbacks",
+    "loggers",
+    "distributed",
+    # models and transforms
+    "functionalize",
+    "grad",
+    "value_and_grad",
+    "vmap",
+    "jit",
+    # state and steps
+    "TrainState",
+    "TrainStep",
+    "EvalStep",
+    "train_step",
+    "eval_step",
+    # errors
+    "LightfnError",
+    "TreeError",
+    "StepError",
+    "CompileError",
+    "CheckpointError",
+    "ExportError",
+    "DistributedError",
+]

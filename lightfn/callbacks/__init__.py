@@ -1,0 +1,2 @@
+"""lightfn.callbacks (being written)."""
+__all__: list[str] = []

@@ -1,0 +1,1 @@
+"""lightfn.data (being written)."""

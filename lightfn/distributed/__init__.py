@@ -1,0 +1,2 @@
+"""lightfn.distributed (being written)."""
+__all__: list[str] = []

@@ -1,0 +1,2 @@
+"""lightfn.loggers (being written)."""
+__all__: list[str] = []

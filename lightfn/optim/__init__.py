@@ -1,0 +1,2 @@
+"""lightfn.optim (being written)."""
+__all__: list[str] = []

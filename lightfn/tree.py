@@ -1,0 +1,270 @@
+"""Pytree utilities on optree.
+
+A pytree is any nesting of dicts, lists, tuples, NamedTuples, ``None`` and lightfn's
+registered dataclasses (``TrainState``, optimizer states) whose leaves are tensors (or
+Python scalars). Everything in lightfn (params, optimizer state, the whole train state,
+batches, metrics) is a pytree, and these helpers are the only way lightfn walks them.
+
+lightfn registers its own node types in the optree namespace :data:`NAMESPACE`; every
+function here passes it, so call these (not bare optree) when a tree holds lightfn types.
+
+>>> import torch, lightfn as lf
+>>> params = {"w": torch.ones(2, 2), "b": torch.zeros(2)}
+>>> lf.tree.map(lambda x: x * 2, params)["w"].sum().item()
+8.0
+>>> [lf.tree.keystr(p) for p, _ in lf.tree.leaves_with_path(params)]
+["['b']", "['w']"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import optree
+import torch
+
+from .errors import TreeError
+
+__all__ = [
+    "NAMESPACE",
+    "PyTree",
+    "KeyPath",
+    "map",
+    "map_with_path",
+    "leaves",
+    "leaves_with_path",
+    "flatten",
+    "unflatten",
+    "structure",
+    "keystr",
+    "global_norm",
+    "zeros_like",
+    "ones_like",
+    "cast",
+    "to_device",
+    "size",
+    "where",
+    "assert_same_structure",
+    "pytree_dataclass",
+    "static_field",
+]
+
+NAMESPACE = "lightfn"
+
+PyTree = Any
+KeyPath = tuple[Any, ...]
+T = TypeVar("T")
+
+
+def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> PyTree:
+    """Apply ``fn`` to every leaf (and the matching leaves of ``rest``); keep the structure."""
+    try:
+        return optree.tree_map(fn, tree, *rest, is_leaf=is_leaf, namespace=NAMESPACE)
+    except ValueError as e:
+        if rest and "structure" in str(e).lower():
+            raise TreeError(_structure_mismatch_message(tree, rest)) from None
+        raise
+
+
+def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> PyTree:
+    """Like :func:`map`, but ``fn(path, leaf, *rest_leaves)`` also gets the leaf's key path."""
+    return optree.tree_map_with_path(fn, tree, *rest, is_leaf=is_leaf, namespace=NAMESPACE)
+
+
+def leaves(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[Any]:
+    """The leaves of ``tree`` in a fixed order (dict keys sorted)."""
+    return optree.tree_leaves(tree, is_leaf=is_leaf, namespace=NAMESPACE)
+
+
+def leaves_with_path(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[KeyPath, Any]]:
+    """``[(path, leaf), ...]``: each path is a tuple of dict keys, attribute names and indices."""
+    paths, lvs, _ = optree.tree_flatten_with_path(tree, is_leaf=is_leaf, namespace=NAMESPACE)
+    return list(zip(paths, lvs))
+
+
+def flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> tuple[list[Any], optree.PyTreeSpec]:
+    """``(leaves, treedef)``; :func:`unflatten` inverts it."""
+    return optree.tree_flatten(tree, is_leaf=is_leaf, namespace=NAMESPACE)
+
+
+def unflatten(treedef: optree.PyTreeSpec, leaves: Iterable[Any]) -> PyTree:
+    """Rebuild a tree of ``treedef``'s structure from ``leaves``."""
+    return optree.tree_unflatten(treedef, leaves)
+
+
+def structure(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> optree.PyTreeSpec:
+    """The tree's structure (a treedef) without its leaves; equal structures compare equal."""
+    return optree.tree_structure(tree, is_leaf=is_leaf, namespace=NAMESPACE)
+
+
+def keystr(path: KeyPath, root: str = "") -> str:
+    """A readable, unambiguous string for a key path: ``['params']['enc.0.weight']``.
+
+    Used in every error message that names a leaf. Strings are quoted, indices are not,
+    so ``('layers', 0, 'w')`` reads ``['layers'][0]['w']``.
+    """
+    parts = [root]
+    for k in path:
+        parts.append(f"[{k!r}]" if not isinstance(k, int) else f"[{k}]")
+    return "".join(parts) or "<root>"
+
+
+def size(tree: PyTree) -> int:
+    """Total number of elements over all tensor leaves."""
+    return sum(x.numel() for x in leaves(tree) if isinstance(x, torch.Tensor))
+
+
+def global_norm(tree: PyTree) -> torch.Tensor:
+    """The L2 norm of all tensor leaves taken together, as a 0-d tensor (no host sync).
+
+    Accumulates in float32 at least, so bf16/fp16 grads do not overflow the sum of squares.
+    """
+    lvs = [x for x in leaves(tree) if isinstance(x, torch.Tensor)]
+    if not lvs:
+        return torch.zeros(())
+    sq = [torch.sum(torch.square(x.to(torch.promote_types(x.dtype, torch.float32)))) for x in lvs]
+    return torch.sqrt(torch.stack(sq).sum()) if len(sq) > 1 else torch.sqrt(sq[0])
+
+
+def zeros_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
+    """A tree of zero tensors shaped like ``tree``'s leaves."""
+    return map(lambda x: torch.zeros_like(x, dtype=dtype), tree)
+
+
+def ones_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
+    """A tree of one tensors shaped like ``tree``'s leaves."""
+    return map(lambda x: torch.ones_like(x, dtype=dtype), tree)
+
+
+def cast(tree: PyTree, dtype: torch.dtype, *, floating_only: bool = True) -> PyTree:
+    """Cast tensor leaves to ``dtype``; by default only floating-point leaves change
+    (step counters and RNG keys stay integers)."""
+
+    def f(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if floating_only and not x.is_floating_point():
+            return x
+        return x.to(dtype)
+
+    return map(f, tree)
+
+
+def to_device(tree: PyTree, device: torch.device | str | None, *, non_blocking: bool = True) -> PyTree:
+    """Move every tensor leaf to ``device`` (``None`` leaves the tree as it is).
+
+    ``non_blocking=True`` lets host-to-GPU copies of pinned memory overlap compute, so a
+    loop moving batches never waits on the copy.
+    """
+    if device is None:
+        return tree
+    device = torch.device(device)
+    return map(lambda x: x.to(device, non_blocking=non_blocking) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def where(cond: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:
+    """Leafwise ``torch.where(cond, a, b)`` over two trees of the same structure.
+
+    The pure way to take a branch inside a compiled step (e.g. skip an update when
+    gradients are not finite) without a host sync.
+    """
+    return map(lambda a, b: torch.where(cond, a, b), on_true, on_false)
+
+
+def assert_same_structure(expected: PyTree, actual: PyTree, *, what: str = "tree", check_shapes: bool = False) -> None:
+    """Raise :class:`TreeError` naming each differing path when two trees differ.
+
+    With ``check_shapes=True`` the shapes and dtypes of tensor leaves must match too.
+    """
+    exp = dict(leaves_with_path(expected))
+    act = dict(leaves_with_path(actual))
+    problems = []
+    for p in exp.keys() - act.keys():
+        problems.append(f"  {keystr(p)}: missing (expected {_describe(exp[p])})")
+    for p in act.keys() - exp.keys():
+        problems.append(f"  {keystr(p)}: unexpected leaf {_describe(act[p])}")
+    if check_shapes:
+        for p in exp.keys() & act.keys():
+            a, b = exp[p], act[p]
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                if a.shape != b.shape or a.dtype != b.dtype:
+                    problems.append(f"  {keystr(p)}: expected {_describe(a)}, got {_describe(b)}")
+            elif isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+                problems.append(f"  {keystr(p)}: expected {_describe(a)}, got {_describe(b)}")
+    if not problems and structure(expected) != structure(actual):
+        problems.append(f"  structure differs:\n    expected {structure(expected)}\n    got      {structure(actual)}")
+    if problems:
+        problems.sort()
+        raise TreeError(f"{what} does not match the expected structure:\n" + "\n".join(problems))
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+    return f"{type(x).__name__} {x!r}"[:80]
+
+
+def _structure_mismatch_message(tree: PyTree, rest: tuple[PyTree, ...]) -> str:
+    try:
+        for other in rest:
+            assert_same_structure(tree, other)
+    except TreeError as e:
+        return str(e)
+    return "trees passed to lf.tree.map have different structures"
+
+
+# ----------------------------------------------------------------------------- dataclasses
+
+
+def static_field(**kwargs: Any) -> Any:
+    """A dataclass field kept in the treedef (hashable metadata), not a leaf."""
+    return dataclasses.field(metadata={"lightfn_static": True}, **kwargs)
+
+
+def pytree_dataclass(cls: type[T]) -> type[T]:
+    """Make ``cls`` a frozen, keyword-only dataclass registered as a pytree node.
+
+    Its fields are children (paths name them as attributes) unless declared with
+    :func:`static_field`. Registered both with optree (namespace :data:`NAMESPACE`) and
+    with ``torch.utils._pytree`` so ``torch.export`` and ``torch.func`` see through it.
+    Adds ``.replace(**changes)``.
+    """
+    if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
+        cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+    fields = dataclasses.fields(cls)
+    children = tuple(f.name for f in fields if not f.metadata.get("lightfn_static"))
+    statics = tuple(f.name for f in fields if f.metadata.get("lightfn_static"))
+
+    def flat(obj: Any) -> tuple[list[Any], tuple[Any, ...], tuple[str, ...]]:
+        return [getattr(obj, n) for n in children], tuple(getattr(obj, n) for n in statics), children
+
+    def unflat(meta: tuple[Any, ...], kids: Iterable[Any]) -> Any:
+        return cls(**dict(zip(children, kids)), **dict(zip(statics, meta)))
+
+    optree.register_pytree_node(cls, flat, unflat, path_entry_type=optree.GetAttrEntry, namespace=NAMESPACE)
+    _register_with_torch(cls, flat, unflat)
+
+    def replace(self: Any, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)
+
+    if "replace" not in cls.__dict__:
+        cls.replace = replace  # type: ignore[attr-defined]
+    return cls
+
+
+def _register_with_torch(cls: type, flat: Callable[[Any], Any], unflat: Callable[[Any, Any], Any]) -> None:
+    import torch.utils._pytree as torch_pytree
+
+    def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], Any]:
+        kids, meta, names = flat(obj)
+        return [(torch_pytree.GetAttrKey(n), k) for n, k in zip(names, kids)], meta
+
+    torch_pytree.register_pytree_node(
+        cls,
+        lambda obj: flat(obj)[:2],
+        lambda kids, meta: unflat(meta, kids),
+        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        flatten_with_keys_fn=flatten_with_keys,
+    )
