@@ -62,8 +62,8 @@ def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf: Callable[[
     """Apply ``fn`` to every leaf (and the matching leaves of ``rest``); keep the structure."""
     try:
         return optree.tree_map(fn, tree, *rest, is_leaf=is_leaf, namespace=NAMESPACE)
-    except ValueError as e:
-        if rest and "structure" in str(e).lower():
+    except ValueError:
+        if rest and any(structure(r) != structure(tree) for r in rest):
             raise TreeError(_structure_mismatch_message(tree, rest)) from None
         raise
 

@@ -1,0 +1,120 @@
+"""functionalize: an ``nn.Module`` as a pure ``apply(params, *args)`` plus its params.
+
+``params`` is a flat dict ``{name: tensor}`` keyed like ``module.named_parameters()``
+(dotted names, e.g. ``"0.weight"``), detached copies that belong to the caller. Nest such
+dicts yourself to combine sub-models: ``{"encoder": enc_params, "decoder": dec_params}``.
+Tied weights appear once, under their first name, and stay tied inside ``apply``.
+
+Buffers (BatchNorm running statistics) are state a pure function may not mutate
+behind the caller's back. With ``with_state=True`` they are explicit::
+
+    apply, params, buffers = lf.functionalize(model, with_state=True)
+    y, new_buffers = apply(params, buffers, x)             # training mode: stats update
+    y, _ = apply(params, buffers, x, train=False)          # eval mode: stats are read
+
+Train/eval mode is an explicit keyword of ``apply`` (``train=``), defaulting to the
+module's mode when it was functionalized; the caller's module is never switched.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from .errors import StepError
+
+__all__ = ["functionalize"]
+
+
+def _skeleton(module: nn.Module, train: bool) -> nn.Module:
+    # A tensor-free copy of the module in the requested mode: functional_call swaps every
+    # parameter and buffer in, so the copy needs structure, not memory. Meta stand-ins go
+    # through deepcopy's memo so tied weights stay one object (module.to("meta") unties).
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    skel = copy.deepcopy(module, memo)
+    return skel.train(train)
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in module.modules()
+    )
+
+
+def _check_keys(p: Any, expected: frozenset[str], what: str) -> None:
+    if not isinstance(p, dict):
+        raise StepError(f"{what} must be a dict of tensors keyed like named_parameters(), got {type(p).__name__}")
+    if p.keys() != expected:
+        missing, extra = sorted(expected - p.keys()), sorted(p.keys() - expected)
+        raise StepError(
+            f"{what} do not match the module: "
+            + (f"missing {missing}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected {extra}" if extra else "")
+        )
+
+
+def functionalize(
+    module: nn.Module, *, with_state: bool = False
+) -> tuple[Callable[..., Any], dict[str, torch.Tensor]] | tuple[Callable[..., Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Turn ``module`` into ``(apply, params)`` (or ``(apply, params, buffers)``).
+
+    Args:
+        module: any ``nn.Module``; it is not modified.
+        with_state: expose buffers as explicit state: ``apply(params, buffers, *args,
+            train=..., **kwargs) -> (output, new_buffers)``. Without it, buffers are
+            baked in as constants, and a module whose buffers would be updated in training
+            (BatchNorm) is refused rather than silently mutated.
+
+    Returns:
+        ``apply(params, *args, train=<module.training>, **kwargs)`` and ``params``, a dict
+        of detached tensors (plus ``buffers`` with ``with_state=True``).
+    """
+    if not isinstance(module, nn.Module):
+        raise StepError(f"lf.functionalize expects an nn.Module, got {type(module).__name__}")
+    default_train = module.training
+    params = {k: v.detach().clone() for k, v in module.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
+    skeletons = {mode: _skeleton(module, mode) for mode in (True, False)}
+    param_keys, buffer_keys = frozenset(params), frozenset(buffers)
+
+    if with_state:
+
+        def apply_with_state(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *args: Any, train: bool = default_train, **kwargs: Any) -> Any:
+            # Clones receive BatchNorm's in-place updates, so the caller's buffers stay as
+            # they were and the updated ones come back as a new dict.
+            _check_keys(p, param_keys, "params")
+            _check_keys(b, buffer_keys, "buffers")
+            new_b = {k: v.clone() for k, v in b.items()} if train else dict(b)
+            out = functional_call(skeletons[bool(train)], {**p, **new_b}, args, kwargs, tie_weights=True)
+            return out, new_b
+
+        apply_with_state.__doc__ = f"Pure apply of {type(module).__name__}: (params, buffers, *args, train=...) -> (out, buffers)."
+        return apply_with_state, params, buffers
+
+    if default_train and _has_running_stats(module):
+        raise StepError(
+            f"{type(module).__name__} has BatchNorm running statistics that training would update in place; "
+            "use lf.functionalize(module, with_state=True) to carry them as explicit state, "
+            "or functionalize a module in eval mode (module.eval()) to use them as constants"
+        )
+    frozen = dict(buffers)
+    updates_buffers_in_training = _has_running_stats(module)
+
+    def apply(p: dict[str, torch.Tensor], *args: Any, train: bool = default_train, **kwargs: Any) -> Any:
+        if train and updates_buffers_in_training:
+            raise StepError("apply(..., train=True) would update BatchNorm buffers; functionalize with with_state=True")
+        _check_keys(p, param_keys, "params")
+        return functional_call(skeletons[bool(train)], {**p, **frozen}, args, kwargs, tie_weights=True)
+
+    apply.__doc__ = f"Pure apply of {type(module).__name__}: (params, *args, train=...) -> output."
+    return apply, params

@@ -1,0 +1,254 @@
+"""train_step / eval_step: pure step functions built from a loss function and an optimizer.
+
+``lf.train_step(loss_fn, optimizer)`` returns a :class:`TrainStep`, a callable
+``(state, batch) -> (new_state, metrics)`` that differentiates ``loss_fn`` with
+``torch.func``, updates params and optimizer state functionally, advances the step and
+keeps everything on the device. It is one traceable function: ``lf.jit`` compiles it
+whole, and the sharding layer rebuilds it with ``.replace(grad_transform=...)`` to put
+gradient collectives between grad and update inside the same graph.
+
+``loss_fn(params, batch)`` returns a scalar loss or ``(loss, {"name": scalar, ...})``;
+with ``with_state=True`` it is ``loss_fn(params, buffers, batch) -> (loss, metrics,
+new_buffers)`` for models with BatchNorm-like state. Randomness inside ``loss_fn``
+(``nn.Dropout``, ``torch.rand``) is drawn from ``fold_in(state.rng, state.step)``, so a
+resumed run draws the same numbers, eagerly and compiled alike.
+
+Precision uses Lightning's names: ``"32-true"`` (default), ``"bf16-mixed"`` and
+``"16-mixed"`` (autocast inside the step; 16-mixed adds dynamic loss scaling kept in
+``state.loss_scale``: a step with non-finite grads is skipped and the scale backs off),
+``"bf16-true"``/``"16-true"``/``"64-true"`` (params stored in that dtype; see
+:meth:`TrainStep.prepare_state`).
+
+>>> import torch, lightfn as lf
+>>> def loss_fn(params, batch):
+...     x, y = batch
+...     err = x @ params["w"] - y
+...     return (err ** 2).mean(), {"mae": err.abs().mean()}
+>>> opt = lf.optim.sgd(0.1)
+>>> state = lf.TrainState.create(params={"w": torch.zeros(3)}, optimizer=opt)
+>>> step = lf.train_step(loss_fn, opt)
+>>> state, metrics = step(state, (torch.eye(3), torch.ones(3)))
+>>> int(state.step), sorted(metrics)
+(1, ['loss', 'mae'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from . import random as lf_random
+from . import tree
+from .errors import StepError
+from .optim import GradientTransformation, apply_updates
+from .state import LossScale, TrainState
+from .transforms import value_and_grad
+
+__all__ = ["TrainStep", "EvalStep", "train_step", "eval_step", "PRECISIONS"]
+
+PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+_MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_TRUE = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise StepError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def _autocast(precision: str, params: Any) -> contextlib.AbstractContextManager[Any]:
+    dtype = _MIXED.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    first = tree.leaves(params)
+    device_type = first[0].device.type if first else "cpu"
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def _split_output(out: Any, with_state: bool) -> tuple[Any, dict[str, Any], Any]:
+    """Normalize loss_fn's return value to (loss, metrics, new_buffers), checking its form."""
+    if with_state:
+        if not (isinstance(out, tuple) and len(out) == 3):
+            raise StepError(
+                "with with_state=True, loss_fn(params, buffers, batch) must return (loss, metrics, new_buffers), "
+                f"got {_describe(out)}"
+            )
+        loss, metrics, new_buffers = out
+    elif isinstance(out, tuple):
+        if len(out) != 2:
+            raise StepError(f"loss_fn must return a scalar loss or (loss, metrics_dict), got a tuple of {len(out)}")
+        (loss, metrics), new_buffers = out, None
+    else:
+        loss, metrics, new_buffers = out, {}, None
+    if not isinstance(loss, torch.Tensor):
+        raise StepError(f"loss_fn must return a scalar loss tensor (or (loss, metrics)), got {_describe(loss)}")
+    if loss.numel() != 1:
+        raise StepError(f"loss_fn returned a loss of shape {tuple(loss.shape)}; it must be a scalar: reduce it (e.g. .mean())")
+    if metrics is None:
+        metrics = {}
+    if not isinstance(metrics, Mapping):
+        raise StepError(f"loss_fn's metrics must be a dict of scalars, got {_describe(metrics)}")
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise StepError(f"metric names must be strings, got {name!r}")
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise StepError(f"metric {name!r} must be a scalar tensor, got {_describe(value)}")
+    return loss, dict(metrics), new_buffers
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    if isinstance(x, tuple):
+        return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
+    return f"a {type(x).__name__}"
+
+
+def _scalar_metrics(loss: torch.Tensor, metrics: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {"loss": loss.detach().reshape(())}
+    for name, value in metrics.items():
+        out[name] = value.detach().reshape(())
+    return out
+
+
+def _check_state(state: Any) -> TrainState:
+    if not isinstance(state, TrainState):
+        raise StepError(f"a lightfn step takes a TrainState as its first argument, got {type(state).__name__}")
+    return state
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainStep:
+    """A pure training step ``(state, batch) -> (new_state, metrics)``; see module docs.
+
+    Fields can be swapped with ``.replace(...)``: ``grad_transform(grads) -> grads`` runs
+    between differentiation and the optimizer (the sharding layer's all-reduce goes here).
+    """
+
+    loss_fn: Callable[..., Any]
+    optimizer: GradientTransformation
+    with_state: bool = False
+    precision: str = "32-true"
+    grad_transform: Callable[[Any], Any] | None = None
+
+    def __post_init__(self) -> None:
+        _check_precision(self.precision)
+        if not isinstance(self.optimizer, GradientTransformation):
+            raise StepError(f"optimizer must be an lf.optim GradientTransformation, got {type(self.optimizer).__name__}")
+
+    def replace(self, **changes: Any) -> "TrainStep":
+        return dataclasses.replace(self, **changes)
+
+    def prepare_state(self, state: TrainState) -> TrainState:
+        """Adapt a fresh state to this step's precision: cast params (and optimizer state)
+        for ``*-true`` precisions, add a :class:`LossScale` for ``"16-mixed"``."""
+        state = _check_state(state)
+        dtype = _TRUE.get(self.precision)
+        if dtype is not None:
+            state = state.replace(params=tree.cast(state.params, dtype), opt_state=tree.cast(state.opt_state, dtype))
+        if self.precision == "16-mixed" and state.loss_scale is None:
+            state = state.replace(loss_scale=LossScale.create(device=state.step.device))
+        return state
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        state = _check_state(state)
+        scaling = self.precision == "16-mixed"
+        if scaling and state.loss_scale is None:
+            raise StepError('precision="16-mixed" needs state.loss_scale: call step.prepare_state(state) first')
+        key = lf_random.fold_in(state.rng, state.step)
+        scale = state.loss_scale.scale if scaling else None
+
+        def objective(params: Any) -> tuple[torch.Tensor, tuple[Any, ...]]:
+            with _autocast(self.precision, params), lf_random.rng_scope(key):
+                if self.with_state:
+                    out = self.loss_fn(params, state.buffers, batch)
+                else:
+                    out = self.loss_fn(params, batch)
+            loss, metrics, new_buffers = _split_output(out, self.with_state)
+            loss = loss.reshape(())
+            scaled = loss.float() * scale if scale is not None else loss
+            # torch.func's aux must be tensors only: no buffers is an empty dict, not None.
+            return scaled, (loss, metrics, {} if new_buffers is None else new_buffers)
+
+        (_, (loss, metrics, new_buffers)), grads = value_and_grad(objective, has_aux=True)(state.params)
+        if scale is not None:
+            grads = tree.map(lambda g: g / scale.to(g.dtype) if g.is_floating_point() else g, grads)
+        if self.grad_transform is not None:
+            grads = self.grad_transform(grads)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = apply_updates(state.params, updates)
+        buffers = new_buffers if self.with_state else state.buffers
+        loss_scale = state.loss_scale
+        if scaling:
+            finite = torch.stack([torch.isfinite(g).all() for g in tree.leaves(grads)]).all()
+            params = tree.where(finite, params, state.params)
+            opt_state = tree.where(finite, opt_state, state.opt_state)
+            loss_scale = _update_loss_scale(state.loss_scale, finite)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, buffers=buffers, loss_scale=loss_scale)
+        out = _scalar_metrics(loss, metrics)
+        if scaling:
+            out["loss_scale"] = state.loss_scale.scale.detach()
+        return new_state, out
+
+
+def _update_loss_scale(ls: LossScale, finite: torch.Tensor) -> LossScale:
+    good = torch.where(finite, ls.good_steps + 1, torch.zeros_like(ls.good_steps))
+    grow = good >= ls.growth_interval
+    scale = torch.where(finite, torch.where(grow, ls.scale * ls.growth_factor, ls.scale), ls.scale * ls.backoff_factor)
+    good = torch.where(grow, torch.zeros_like(good), good)
+    return ls.replace(scale=scale, good_steps=good)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalStep:
+    """A pure evaluation step ``(state, batch) -> metrics`` (no gradients).
+
+    Metrics are ``{"loss": ..., **loss_fn's metrics}``. To evaluate in eval mode, give it a
+    loss function that calls ``apply(..., train=False)``.
+    """
+
+    loss_fn: Callable[..., Any]
+    with_state: bool = False
+    precision: str = "32-true"
+
+    def __post_init__(self) -> None:
+        _check_precision(self.precision)
+
+    def replace(self, **changes: Any) -> "EvalStep":
+        return dataclasses.replace(self, **changes)
+
+    def __call__(self, state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
+        state = _check_state(state)
+        key = lf_random.fold_in(lf_random.fold_in(state.rng, state.step), 0x5EED)
+        with torch.no_grad(), _autocast(self.precision, state.params), lf_random.rng_scope(key):
+            if self.with_state:
+                out = self.loss_fn(state.params, state.buffers, batch)
+            else:
+                out = self.loss_fn(state.params, batch)
+        loss, metrics, _ = _split_output(out, self.with_state)
+        return _scalar_metrics(loss.float(), metrics)
+
+
+def train_step(
+    loss_fn: Callable[..., Any],
+    optimizer: GradientTransformation,
+    *,
+    with_state: bool = False,
+    precision: str = "32-true",
+    grad_transform: Callable[[Any], Any] | None = None,
+) -> TrainStep:
+    """Build the pure step ``(state, batch) -> (new_state, metrics)`` for ``loss_fn``.
+
+    See the module docstring for the forms ``loss_fn`` may take and what precision means.
+    """
+    return TrainStep(loss_fn=loss_fn, optimizer=optimizer, with_state=with_state, precision=precision, grad_transform=grad_transform)
+
+
+def eval_step(loss_fn: Callable[..., Any], *, with_state: bool = False, precision: str = "32-true") -> EvalStep:
+    """Build the pure evaluation step ``(state, batch) -> metrics`` for ``loss_fn``."""
+    return EvalStep(loss_fn=loss_fn, with_state=with_state, precision=precision)

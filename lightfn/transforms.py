@@ -1,0 +1,300 @@
+"""grad / value_and_grad / vmap / jit with JAX names and semantics, on torch.func.
+
+``grad`` and ``value_and_grad`` differentiate a function with respect to a pytree of
+tensors (``argnums`` picks which argument), with ``has_aux`` for returning metrics beside
+the loss. ``jit`` is ``torch.compile`` with lightfn's defaults: the whole function in one
+graph (``fullgraph=True``), the batch dimension dynamic so a short last batch does not
+recompile, optional donation of the state, and a short error instead of a dynamo trace.
+
+>>> import torch, lightfn as lf
+>>> loss = lambda p, x: ((x @ p["w"]) ** 2).sum()
+>>> g = lf.grad(loss)({"w": torch.ones(2)}, torch.eye(2))
+>>> g["w"].tolist()
+[2.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.func
+
+from . import tree
+from .errors import CompileError, LightfnError, StepError
+
+__all__ = ["grad", "value_and_grad", "vmap", "jit", "Jitted", "jit_disabled"]
+
+
+def _argnums_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
+    return (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+
+def _check_differentiable(args: tuple[Any, ...], argnums: tuple[int, ...]) -> None:
+    for i in argnums:
+        for path, x in tree.leaves_with_path(args[i]):
+            if not isinstance(x, torch.Tensor):
+                raise StepError(
+                    f"argument {i}{tree.keystr(path)} is a {type(x).__name__}; the differentiated argument must be "
+                    "a pytree of floating-point tensors"
+                )
+            if not (x.is_floating_point() or x.is_complex()):
+                raise StepError(
+                    f"argument {i}{tree.keystr(path)} is {str(x.dtype).replace('torch.', '')}: only floating-point "
+                    "leaves can be differentiated; keep integer state out of params (in buffers or extra)"
+                )
+
+
+def _check_output(out: Any, has_aux: bool) -> Any:
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise StepError(
+                f"with has_aux=True the function must return (loss, aux), got {type(out).__name__}"
+                + (f" of length {len(out)}" if isinstance(out, tuple) else "")
+            )
+        value = out[0]
+    else:
+        value = out
+    if not isinstance(value, torch.Tensor):
+        hint = " (returning (loss, metrics)? pass has_aux=True)" if isinstance(value, tuple) else ""
+        raise StepError(f"the function must return a scalar loss tensor, got {type(value).__name__}{hint}")
+    if value.numel() != 1:
+        raise StepError(
+            f"the loss must be a scalar tensor, got shape {tuple(value.shape)}; reduce it first (e.g. loss.mean())"
+        )
+    if not value.is_floating_point():
+        raise StepError(f"the loss must be a floating-point tensor, got {value.dtype}")
+    if value.dim() != 0:
+        value = value.reshape(())
+        out = (value, out[1]) if has_aux else value
+    return out
+
+
+def value_and_grad(fn: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable[..., Any]:
+    """``fn`` -> a function returning ``(value, grads)`` (JAX order).
+
+    With ``has_aux=True``, ``fn`` returns ``(loss, aux)`` and the result is
+    ``((loss, aux), grads)``. ``grads`` has the structure of argument ``argnums`` (a tuple
+    of such trees when ``argnums`` is a tuple).
+    """
+    nums = _argnums_tuple(argnums)
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        return _check_output(fn(*args, **kwargs), has_aux)
+
+    inner = torch.func.grad_and_value(checked, argnums=argnums, has_aux=has_aux)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _check_differentiable(args, nums)
+        grads, value = inner(*args, **kwargs)
+        return value, grads
+
+    return wrapper
+
+
+def grad(fn: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable[..., Any]:
+    """``fn`` -> a function returning the gradient of its scalar output.
+
+    With ``has_aux=True`` returns ``(grads, aux)`` like ``jax.grad``.
+    """
+    vg = value_and_grad(fn, argnums=argnums, has_aux=has_aux)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        value, grads = vg(*args, **kwargs)
+        return (grads, value[1]) if has_aux else grads
+
+    return wrapper
+
+
+def vmap(
+    fn: Callable[..., Any],
+    in_axes: int | None | Sequence[Any] = 0,
+    out_axes: Any = 0,
+    *,
+    randomness: str = "error",
+    chunk_size: int | None = None,
+) -> Callable[..., Any]:
+    """Vectorize ``fn`` over a leading axis (``torch.func.vmap`` with JAX's argument names).
+
+    ``in_axes`` gives, per argument, the axis to map over (or ``None`` to broadcast); a
+    pytree prefix of the arguments works as in JAX.
+    """
+    in_dims = tuple(in_axes) if isinstance(in_axes, list) else in_axes
+    return torch.func.vmap(fn, in_dims=in_dims, out_dims=out_axes, randomness=randomness, chunk_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------------- jit
+
+
+def jit_disabled() -> bool:
+    """True when ``LIGHTFN_DISABLE_JIT=1`` is set: every ``lf.jit`` then runs eagerly."""
+    return os.environ.get("LIGHTFN_DISABLE_JIT", "").strip().lower() in ("1", "true", "yes")
+
+
+class Jitted:
+    """A function compiled by :func:`jit` (callable like the original).
+
+    ``fn`` is the original function, ``donate`` whether argument 0 is donated,
+    ``compiled`` whether calls go through ``torch.compile`` (False when disabled).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        donate: bool,
+        dynamic_batch: bool,
+        batch_argnums: tuple[int, ...] | None,
+        compiled: bool,
+        compile_kwargs: dict[str, Any],
+    ) -> None:
+        self.fn = fn
+        self.donate = donate
+        self.dynamic_batch = dynamic_batch
+        self.batch_argnums = batch_argnums
+        self.compiled = compiled
+        self._target = _donating(fn) if donate else fn
+        self._compiled = torch.compile(self._target, **compile_kwargs) if compiled else self._target
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.compiled:
+            return self._target(*args, **kwargs)
+        if self.dynamic_batch:
+            nums = self.batch_argnums if self.batch_argnums is not None else (len(args) - 1,)
+            for i in nums:
+                if 0 <= i < len(args):
+                    for x in tree.leaves(args[i]):
+                        if isinstance(x, torch.Tensor) and x.dim() > 0:
+                            torch._dynamo.maybe_mark_dynamic(x, 0)
+        try:
+            return self._compiled(*args, **kwargs)
+        except LightfnError:
+            raise
+        except Exception as e:  # noqa: BLE001 - turned into an actionable message below
+            if not _is_compile_failure(e):
+                raise
+            raise _explain_failure(self.fn, e, args, kwargs) from e
+
+
+def _donating(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fn(state, ...) -> (new_state, *rest)`` so new_state is written into state."""
+
+    @functools.wraps(fn)
+    def donated(state: Any, *args: Any, **kwargs: Any) -> Any:
+        out = fn(state, *args, **kwargs)
+        if not isinstance(out, tuple) or len(out) < 1:
+            raise StepError("with donate=True the function must return (new_state, ...) where new_state mirrors argument 0")
+        new_state = out[0]
+        old_leaves, old_def = tree.flatten(state)
+        new_leaves, treedef = tree.flatten(new_state)
+        if old_def != treedef:
+            tree.assert_same_structure(state, new_state, what="the state returned by a donated function")
+        result = []
+        for i, (old, new) in enumerate(zip(old_leaves, new_leaves)):
+            if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and new is not old:
+                if old.shape != new.shape or old.dtype != new.dtype:
+                    # Paths are looked up only here: optree's path API does not trace.
+                    path = tree.keystr(tree.leaves_with_path(state)[i][0])
+                    raise StepError(
+                        f"donate=True: state{path} changed from {tuple(old.shape)} "
+                        f"{old.dtype} to {tuple(new.shape)} {new.dtype}; donated state must keep shapes and dtypes"
+                    )
+                old.copy_(new)
+                result.append(old)
+            else:
+                result.append(new)
+        return (tree.unflatten(treedef, result), *out[1:])
+
+    return donated
+
+
+def _is_compile_failure(e: Exception) -> bool:
+    mod = type(e).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor", "torch.fx", "torch._subclasses")) or "BackendCompilerFailed" in type(e).__name__
+
+
+def _explain_failure(fn: Callable[..., Any], e: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Exception:
+    # The function may simply be wrong (bad loss, wrong structure): an eager run of the
+    # undonated function then raises the user-level error, which is the one to show.
+    try:
+        with torch.no_grad():
+            fn(*args, **kwargs)
+    except LightfnError as user_error:
+        return user_error
+    except Exception as eager_error:  # noqa: BLE001
+        return StepError(f"{fn.__qualname__} fails even without compilation: {type(eager_error).__name__}: {eager_error}")
+    reason = str(e).strip().splitlines()
+    first = next((ln for ln in reason if ln.strip()), type(e).__name__)
+    where = _user_frame(e)
+    return CompileError(
+        f"lf.jit could not compile {getattr(fn, '__qualname__', fn)!s} into one graph: {first[:300]}"
+        + (f"\n  at {where}" if where else "")
+        + "\n  Fix: keep the function pure tensor code (no .item(), print, Python branching on tensor values,"
+        " or data-dependent shapes); use torch.where instead of `if` on tensors."
+        "\n  To run eagerly instead: lf.jit(..., disable=True), fit(..., jit=False), or LIGHTFN_DISABLE_JIT=1."
+    )
+
+
+def _user_frame(e: Exception) -> str:
+    text = str(e)
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("File ") and "site-packages/torch" not in s and "/lightfn/" not in s:
+            return s
+    return ""
+
+
+def jit(
+    fn: Callable[..., Any] | None = None,
+    *,
+    donate: bool = False,
+    dynamic_batch: bool = True,
+    batch_argnums: Sequence[int] | None = None,
+    mode: str | None = None,
+    fullgraph: bool = True,
+    disable: bool | None = None,
+    backend: str = "inductor",
+    options: dict[str, Any] | None = None,
+) -> Any:
+    """Compile ``fn`` whole with ``torch.compile`` and lightfn's defaults.
+
+    Args:
+        donate: write the first output (a new state mirroring argument 0) into argument
+            0's tensors with ``copy_`` inside the graph, so a train step allocates no new
+            params or optimizer moments. The caller must not keep using the old state.
+        dynamic_batch: mark dim 0 of the batch argument (``batch_argnums``; default the
+            last positional argument) dynamic, so a short last batch reuses the graph.
+        mode: ``torch.compile`` mode, e.g. ``"reduce-overhead"`` (CUDA graphs) or
+            ``"max-autotune"``.
+        fullgraph: refuse graph breaks (a break means a host round trip mid-step).
+        disable: run eagerly (default: the ``LIGHTFN_DISABLE_JIT`` environment variable).
+
+    Usable as ``lf.jit(f)``, ``lf.jit(f, donate=True)`` or ``@lf.jit(donate=True)``.
+    """
+    if fn is None:
+        return functools.partial(
+            jit, donate=donate, dynamic_batch=dynamic_batch, batch_argnums=batch_argnums, mode=mode,
+            fullgraph=fullgraph, disable=disable, backend=backend, options=options,
+        )
+    if isinstance(fn, Jitted):
+        return fn
+    compiled = not (jit_disabled() if disable is None else disable)
+    kwargs: dict[str, Any] = {"fullgraph": fullgraph, "backend": backend, "dynamic": None if dynamic_batch else False}
+    if mode is not None:
+        kwargs["mode"] = mode
+    if options:
+        kwargs["options"] = options
+    return Jitted(
+        fn,
+        donate=donate,
+        dynamic_batch=dynamic_batch,
+        batch_argnums=tuple(batch_argnums) if batch_argnums is not None else None,
+        compiled=compiled,
+        compile_kwargs=kwargs,
+    )

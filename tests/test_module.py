@@ -1,0 +1,81 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import lightfn as lf
+
+
+def test_functionalize_matches_module_and_params_are_detached_copies():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    apply, params = lf.functionalize(m)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(apply(params, x), m(x))
+    assert sorted(params) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert not params["0.weight"].requires_grad
+    params["0.weight"].zero_()
+    assert m[0].weight.abs().sum() > 0  # the module keeps its own weights
+    new = {k: torch.zeros_like(v) for k, v in params.items()}
+    assert apply(new, x).abs().sum() == 0
+
+
+def test_tied_weights_appear_once_and_stay_tied():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, i):
+            return self.out(self.emb(i))
+
+    m = Tied()
+    apply, params = lf.functionalize(m)
+    assert list(params) == ["emb.weight"]
+    i = torch.tensor([1, 2])
+    torch.testing.assert_close(apply(params, i), m(i))
+    g = lf.grad(lambda p: apply(p, i).sum())(params)
+    m(i).sum().backward()
+    torch.testing.assert_close(g["emb.weight"], m.emb.weight.grad)
+
+
+def test_batchnorm_needs_explicit_state_and_train_flag():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(lf.StepError, match="with_state=True"):
+        lf.functionalize(m)
+    apply, params, buffers = lf.functionalize(m, with_state=True)
+    x = torch.randn(16, 3)
+    before = {k: v.clone() for k, v in buffers.items()}
+    y, new_buffers = apply(params, buffers, x)
+    torch.testing.assert_close(y, m(x))  # m updates its own stats in train mode
+    for k in buffers:
+        assert torch.equal(buffers[k], before[k])  # inputs untouched
+    torch.testing.assert_close(new_buffers["1.running_mean"], m[1].running_mean)
+    assert new_buffers["1.num_batches_tracked"].item() == 1
+    m.eval()
+    y_eval, same = apply(params, new_buffers, x, train=False)
+    torch.testing.assert_close(y_eval, m(x))
+    assert same["1.running_mean"] is new_buffers["1.running_mean"]
+    assert m.training is False  # functionalize never switched the caller's module
+
+
+def test_eval_mode_module_uses_buffers_as_constants_and_dropout_flag():
+    m = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Dropout(0.5)).eval()
+    apply, params = lf.functionalize(m)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(apply(params, x), m(x))
+    with pytest.raises(lf.StepError, match="with_state=True"):
+        apply(params, x, train=True)
+
+
+def test_wrong_params_keys_are_named():
+    apply, params = lf.functionalize(nn.Linear(2, 2))
+    with pytest.raises(lf.StepError, match=r"missing \['bias'\]; unexpected \['b'\]"):
+        apply({"weight": params["weight"], "b": params["bias"]}, torch.ones(1, 2))
+
+
+def test_not_a_module():
+    with pytest.raises(lf.StepError, match="nn.Module"):
+        lf.functionalize(lambda x: x)

@@ -1,0 +1,70 @@
+import dataclasses
+
+import pytest
+import torch
+
+import lightfn as lf
+from lightfn import tree
+
+
+@tree.pytree_dataclass
+class Pair:
+    a: torch.Tensor
+    b: dict
+    name: str = tree.static_field(default="p")
+
+
+def test_map_leaves_and_paths_name_keys_attributes_and_indices():
+    t = {"w": torch.ones(2), "layers": [torch.zeros(1), (torch.ones(3),)], "pair": Pair(a=torch.ones(1), b={"x.y": torch.ones(2)})}
+    doubled = tree.map(lambda x: x * 2, t)
+    assert doubled["w"].tolist() == [2.0, 2.0]
+    assert doubled["pair"].name == "p" and isinstance(doubled["pair"], Pair)
+    paths = [tree.keystr(p) for p, _ in tree.leaves_with_path(t)]
+    assert paths == ["['layers'][0]", "['layers'][1][0]", "['pair']['a']", "['pair']['b']['x.y']", "['w']"]
+    assert len(tree.leaves(t)) == 5
+    leaves, treedef = tree.flatten(t)
+    assert tree.structure(tree.unflatten(treedef, leaves)) == treedef
+
+
+def test_dataclass_is_a_node_not_a_leaf_and_static_fields_stay_in_treedef():
+    p = Pair(a=torch.ones(1), b={"c": torch.ones(1)}, name="q")
+    assert len(tree.leaves(p)) == 2
+    q = p.replace(name="r")
+    assert tree.structure(p) != tree.structure(q)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.a = torch.zeros(1)
+
+
+def test_global_norm_cast_zeros_device_size():
+    t = {"a": torch.tensor([3.0]), "b": torch.tensor([4.0], dtype=torch.bfloat16), "n": torch.tensor(7)}
+    assert tree.global_norm({"a": t["a"], "b": t["b"]}).item() == pytest.approx(5.0)
+    c = tree.cast(t, torch.float64)
+    assert c["a"].dtype == torch.float64 and c["b"].dtype == torch.float64 and c["n"].dtype == torch.int64
+    assert tree.zeros_like(t)["a"].tolist() == [0.0]
+    assert tree.to_device(t, "cpu")["a"] is t["a"]
+    assert tree.size(t) == 3
+
+
+def test_where_picks_leafwise():
+    a, b = {"x": torch.ones(2)}, {"x": torch.zeros(2)}
+    assert tree.where(torch.tensor(False), a, b)["x"].tolist() == [0.0, 0.0]
+
+
+def test_structure_mismatch_names_paths():
+    with pytest.raises(lf.TreeError) as e:
+        tree.assert_same_structure({"a": torch.ones(1), "b": torch.ones(2)}, {"a": torch.ones(1), "c": torch.ones(2)})
+    assert "['b']: missing" in str(e.value) and "['c']: unexpected" in str(e.value)
+    with pytest.raises(lf.TreeError) as e:
+        tree.assert_same_structure({"a": torch.ones(2)}, {"a": torch.ones(3)}, check_shapes=True)
+    assert "tensor(2,) float32" in str(e.value) and "tensor(3,)" in str(e.value)
+    with pytest.raises(lf.TreeError):
+        tree.map(lambda x, y: x + y, {"a": torch.ones(1)}, {"b": torch.ones(1)})
+
+
+def test_torch_pytree_sees_dataclass_fields():
+    import torch.utils._pytree as tp
+
+    p = Pair(a=torch.ones(1), b={"c": torch.ones(1)})
+    leaves, spec = tp.tree_flatten(p)
+    assert len(leaves) == 2
+    assert tp.tree_unflatten(leaves, spec).name == "p"
