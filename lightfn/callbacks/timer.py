@@ -1,0 +1,140 @@
+"""Timer: measure training time and stop the run once a time budget is spent.
+
+The clock is ``ctx.elapsed`` (seconds since this ``fit`` started, kept by the loop on the
+host: no device sync). The elapsed time is part of :meth:`Timer.state_dict`, so a resumed
+run continues the clock where the checkpoint left it instead of starting a fresh budget.
+
+>>> import lightfn as lf
+>>> timer = lf.callbacks.Timer(duration="00:12:00:00")        # 12 hours
+>>> timer.duration
+43200.0
+>>> lf.callbacks.Timer(duration=dict(minutes=5)).duration
+300.0
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from .base import Callback, Context, Signal
+from .early_stopping import MisconfigurationError
+
+__all__ = ["Timer", "parse_duration"]
+
+Duration = float | int | datetime.timedelta | Mapping[str, float] | str
+
+_DHMS = re.compile(r"^\s*(\d+):(\d+):(\d+):(\d+(?:\.\d*)?)\s*$")
+
+
+def parse_duration(duration: Duration) -> float:
+    """Seconds from a number of seconds, a ``timedelta``, a dict of ``timedelta`` keyword
+    arguments (``dict(days=1, hours=2)``) or a ``"DD:HH:MM:SS"`` string."""
+    if isinstance(duration, bool):
+        raise MisconfigurationError(f"Timer: duration must be a time, got {duration!r}")
+    if isinstance(duration, (int, float)):
+        seconds = float(duration)
+    elif isinstance(duration, datetime.timedelta):
+        seconds = duration.total_seconds()
+    elif isinstance(duration, Mapping):
+        allowed = {"weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds"}
+        unknown = sorted(set(duration) - allowed)
+        if unknown:
+            raise MisconfigurationError(
+                f"Timer: unknown duration keys {unknown}; use some of {sorted(allowed)}, "
+                "e.g. dict(hours=1, minutes=30)"
+            )
+        seconds = datetime.timedelta(**duration).total_seconds()
+    elif isinstance(duration, str):
+        match = _DHMS.match(duration)
+        if match is None:
+            raise MisconfigurationError(
+                f"Timer: duration string {duration!r} is not 'DD:HH:MM:SS' (e.g. '00:12:00:00' for 12 hours)"
+            )
+        days, hours, minutes = (int(g) for g in match.groups()[:3])
+        seconds = datetime.timedelta(days=days, hours=hours, minutes=minutes,
+                                     seconds=float(match.group(4))).total_seconds()
+    else:
+        raise MisconfigurationError(
+            f"Timer: duration must be seconds, a timedelta, a dict or 'DD:HH:MM:SS', got {type(duration).__name__}"
+        )
+    if not seconds >= 0:
+        raise MisconfigurationError(f"Timer: duration must be >= 0 seconds, got {duration!r}")
+    return seconds
+
+
+class Timer(Callback):
+    """Track elapsed training time; with ``duration``, stop once it is exceeded.
+
+    Args:
+        duration: the time budget (see :func:`parse_duration`), or ``None`` to only measure.
+        interval: check after every optimizer ``"step"`` (``on_train_batch_end``) or at each
+            ``"epoch"`` end.
+
+    The stop request goes through ``fit`` like any other (deferred until ``min_epochs`` /
+    ``min_steps``).
+    """
+
+    def __init__(self, duration: Duration | None = None, interval: Literal["step", "epoch"] = "step") -> None:
+        if interval not in ("step", "epoch"):
+            raise MisconfigurationError(f"Timer: interval must be 'step' or 'epoch', got {interval!r}")
+        self.duration: float | None = None if duration is None else parse_duration(duration)
+        self.interval = interval
+        self.start_time: float | None = None  # wall-clock (time.time()) when this fit started
+        self._offset = 0.0    # time spent by earlier runs this one resumes from
+        self._elapsed = 0.0   # ctx.elapsed at the latest hook of this fit
+
+    def time_elapsed(self) -> float:
+        """Seconds of training so far, including the runs this one resumed from."""
+        return self._offset + self._elapsed
+
+    def time_remaining(self) -> float | None:
+        """Seconds left of ``duration`` (``None`` without one)."""
+        return None if self.duration is None else max(self.duration - self.time_elapsed(), 0.0)
+
+    def _observe(self, ctx: Context) -> None:
+        self._elapsed = float(ctx.elapsed)
+
+    def _check(self, ctx: Context) -> Signal | None:
+        self._observe(ctx)
+        if self.duration is None or self.time_elapsed() < self.duration:
+            return None
+        spent = datetime.timedelta(seconds=round(self.time_elapsed()))
+        budget = datetime.timedelta(seconds=round(self.duration))
+        return Signal(stop=True, reason=f"Timer: time limit {budget} reached (elapsed {spent}) "
+                                        f"at epoch {ctx.epoch}, step {ctx.step}")
+
+    def on_fit_start(self, ctx: Context) -> Signal | None:
+        self.start_time = time.time() - float(ctx.elapsed)
+        self._observe(ctx)
+        return None
+
+    def on_train_batch_end(self, ctx: Context) -> Signal | None:
+        if self.interval == "step":
+            return self._check(ctx)
+        self._observe(ctx)
+        return None
+
+    def on_validation_end(self, ctx: Context) -> Signal | None:
+        self._observe(ctx)
+        return None
+
+    def on_epoch_end(self, ctx: Context) -> Signal | None:
+        if self.interval == "epoch":
+            return self._check(ctx)
+        self._observe(ctx)
+        return None
+
+    def on_fit_end(self, ctx: Context) -> Signal | None:
+        self._observe(ctx)
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"time_elapsed": self.time_elapsed()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._offset = float(state["time_elapsed"])
+        self._elapsed = 0.0
