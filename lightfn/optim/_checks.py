@@ -1,0 +1,152 @@
+"""Input checks shared by every transform: they turn a wrong tree into an error naming the leaf.
+
+All checks look only at Python-level facts (types, tree structure, static shapes), so under
+``torch.compile`` they cost nothing after tracing and never break the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+import torch
+
+from .. import tree as _tree
+from ..errors import LightfnError, StepError, TreeError
+
+__all__ = [
+    "StateMismatchError",
+    "OptimizerConfigError",
+    "check_state",
+    "check_params",
+    "check_match",
+    "tensor_leaves",
+    "device_of",
+    "scalar_dtype",
+    "zero_count",
+]
+
+
+class StateMismatchError(StepError):
+    """An optimizer state was built by a different optimizer than the one updating it.
+
+    ``path`` is where in the optimizer state the wrong piece sits; composite transforms
+    (chain, masked, multi_transform, multi_steps) prepend their part of the path as the
+    error travels up, so the message names the exact sub-state.
+    """
+
+    def __init__(self, detail: str, path: tuple[Any, ...] = ()) -> None:
+        self.detail = detail
+        self.path = path
+        super().__init__(f"{_tree.keystr(path, root='opt_state')}: {detail}")
+
+    def prefixed(self, *keys: Any) -> StateMismatchError:
+        """The same error, located one level further down from the root."""
+        return StateMismatchError(self.detail, tuple(keys) + self.path)
+
+
+class OptimizerConfigError(LightfnError, ValueError):
+    """An optimizer hyperparameter is out of its valid range (e.g. a negative learning rate)."""
+
+
+def _describe_state_type(cls: type) -> str:
+    # Every lf.optim state is a NamedTuple: naming its fields tells the user what it holds.
+    if optree.is_namedtuple_class(cls):
+        return f"{cls.__name__}({', '.join(cls._fields)})"  # type: ignore[attr-defined]
+    return cls.__name__
+
+
+def _describe_state(state: Any) -> str:
+    if type(state) is tuple:
+        return f"a tuple of {len(state)} states"
+    return _describe_state_type(type(state))
+
+
+def check_state(state: Any, expected: type, transform: str) -> None:
+    """Raise :class:`StateMismatchError` unless ``state`` is exactly of type ``expected``."""
+    if type(state) is not expected:
+        raise StateMismatchError(
+            f"{transform} expected its state to be {_describe_state_type(expected)}, got {_describe_state(state)}. "
+            "This optimizer state was made by a different optimizer (or a differently configured one): "
+            "create it with this optimizer's init(params)."
+        )
+
+
+def check_params(params: Any, transform: str, *, floating: bool = True) -> None:
+    """Every leaf of ``params`` must be a tensor (a floating one when ``floating``)."""
+    for path, leaf in _tree.leaves_with_path(params):
+        if not isinstance(leaf, torch.Tensor):
+            raise TreeError(
+                f"{transform}.init: params{_tree.keystr(path, root='')} is a {type(leaf).__name__} ({leaf!r:.40}), "
+                "expected a torch.Tensor. Optimizers work on pytrees of tensors: convert it with torch.tensor(...) "
+                "or keep it out of params."
+            )
+        if floating and not leaf.is_floating_point():
+            raise TreeError(
+                f"{transform}.init: params{_tree.keystr(path, root='')} is a {leaf.dtype} tensor, expected a real "
+                "floating point tensor (integer and complex leaves are not supported by this transform). Keep it "
+                "out of params, or freeze it with multi_transform(..., set_to_zero())."
+            )
+
+
+def check_match(expected: Any, actual: Any, *, what: str) -> None:
+    """``actual`` must have ``expected``'s structure and, leaf by leaf, its shape.
+
+    Walks both trees with ``map`` only: under ``torch.compile``, flattening a tree that has
+    a subtree of constants only (e.g. a dict of ``None``, which masking produces) is not
+    supported by dynamo, while ``map`` is. The detailed message, naming each differing
+    path, is only built once a mismatch is found.
+    """
+    bad: list[tuple[Any, Any]] = []
+
+    def visit(e: Any, a: Any) -> None:
+        if isinstance(e, torch.Tensor) != isinstance(a, torch.Tensor):
+            bad.append((e, a))
+        elif isinstance(e, torch.Tensor) and e.shape != a.shape:
+            bad.append((e, a))
+
+    try:
+        _tree.map(visit, expected, actual)
+    except ValueError:
+        bad.append((None, None))
+    if bad:
+        _raise_mismatch(expected, actual, what)
+
+
+def _raise_mismatch(expected: Any, actual: Any, what: str) -> None:
+    _tree.assert_same_structure(expected, actual, what=what)
+    for (path, e), a in zip(_tree.leaves_with_path(expected), _tree.leaves(actual)):
+        if isinstance(e, torch.Tensor) and isinstance(a, torch.Tensor) and e.shape != a.shape:
+            raise TreeError(
+                f"{what}: leaf {_tree.keystr(path)} has shape {tuple(a.shape)}, expected {tuple(e.shape)} "
+                "(the shape of the matching param)."
+            )
+        if isinstance(e, torch.Tensor) != isinstance(a, torch.Tensor):
+            raise TreeError(f"{what}: leaf {_tree.keystr(path)} is a {type(a).__name__}, expected a {type(e).__name__}.")
+    raise TreeError(f"{what} does not match the expected structure")
+
+
+def tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    """The tensor leaves of ``tree``, collected with ``map`` (see :func:`check_match` for why)."""
+    out: list[torch.Tensor] = []
+    _tree.map(lambda x: out.append(x) if isinstance(x, torch.Tensor) else None, tree)
+    return out
+
+
+def device_of(params: Any) -> torch.device:
+    """The device of the first tensor leaf (counters live next to the params)."""
+    for leaf in _tree.leaves(params):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return torch.device("cpu")
+
+
+def scalar_dtype(device: torch.device) -> torch.dtype:
+    """dtype for scalar hyperparameter math (bias corrections, schedules): float64 keeps
+    float64 training bit-close to torch.optim's Python-float math; MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def zero_count(params: Any) -> torch.Tensor:
+    """A fresh step counter: a 0-d int64 tensor on the params' device."""
+    return torch.zeros((), dtype=torch.int64, device=device_of(params))

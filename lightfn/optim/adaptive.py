@@ -1,0 +1,200 @@
+"""Adaptive scalings: Adam, RMS (RMSprop), stddev (centered RMSprop), RSS (Adagrad), Lion.
+
+The arithmetic follows torch.optim's single-tensor implementations operation by operation
+(``lerp`` for first moments, ``addcmul`` for second moments, ``eps`` added outside the
+square root), so a float64 run tracks torch.optim to rounding. Moments have each param's
+dtype; scalar math (bias corrections) runs in float64 on the params' device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from .. import tree as _tree
+from ._checks import OptimizerConfigError, StateMismatchError, check_match, check_params, check_state, scalar_dtype, zero_count
+from .base import GradientTransformation, PyTree
+
+__all__ = [
+    "ScaleByAdamState",
+    "ScaleByRmsState",
+    "ScaleByStddevState",
+    "ScaleByRssState",
+    "ScaleByLionState",
+    "scale_by_adam",
+    "scale_by_rms",
+    "scale_by_stddev",
+    "scale_by_rss",
+    "scale_by_lion",
+]
+
+
+class ScaleByAdamState(NamedTuple):
+    """``mu``/``nu``: first/second moments; ``nu_max``: running max of ``nu`` (AMSGrad
+    only, else ``None``); ``count``: updates made so far."""
+
+    count: torch.Tensor
+    mu: PyTree
+    nu: PyTree
+    nu_max: PyTree | None
+
+
+class ScaleByRmsState(NamedTuple):
+    """``nu``: running average of squared gradients."""
+
+    nu: PyTree
+
+
+class ScaleByStddevState(NamedTuple):
+    """``mu``: running average of gradients; ``nu``: of squared gradients."""
+
+    mu: PyTree
+    nu: PyTree
+
+
+class ScaleByRssState(NamedTuple):
+    """``sum_of_squares``: the accumulated squared gradients (Adagrad)."""
+
+    sum_of_squares: PyTree
+
+
+class ScaleByLionState(NamedTuple):
+    """``mu``: momentum (Lion's slow average); ``count``: updates made so far."""
+
+    count: torch.Tensor
+    mu: PyTree
+
+
+def _check_beta(name: str, value: float, transform: str) -> None:
+    if not 0.0 <= value < 1.0:
+        raise OptimizerConfigError(f"{transform}: {name} must be in [0, 1), got {value}")
+
+
+def _check_eps(value: float, transform: str) -> None:
+    if value < 0.0:
+        raise OptimizerConfigError(f"{transform}: eps must be >= 0, got {value}")
+
+
+def scale_by_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0, amsgrad: bool = False
+) -> GradientTransformation:
+    """Adam's direction ``m_hat / (sqrt(v_hat + eps_root) + eps)`` with bias-corrected moments.
+
+    ``amsgrad=True`` uses the running maximum of the raw second moment, bias-corrected at
+    the current step, as torch.optim.Adam does.
+    """
+    _check_beta("b1", b1, "scale_by_adam")
+    _check_beta("b2", b2, "scale_by_adam")
+    _check_eps(eps, "scale_by_adam")
+
+    def init(params: PyTree) -> ScaleByAdamState:
+        check_params(params, "scale_by_adam")
+        zeros = _tree.zeros_like
+        return ScaleByAdamState(zero_count(params), zeros(params), zeros(params), zeros(params) if amsgrad else None)
+
+    def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByAdamState]:
+        check_state(state, ScaleByAdamState, "scale_by_adam")
+        if (state.nu_max is not None) != amsgrad:
+            raise StateMismatchError(
+                f"scale_by_adam(amsgrad={amsgrad}) got a state made with amsgrad={not amsgrad}: "
+                "create the state with this optimizer's init(params)."
+            )
+        check_match(state.mu, updates, what="scale_by_adam: updates vs first moment (shaped like params)")
+        count = state.count + 1
+        step = count.to(scalar_dtype(count.device))
+        bc1 = 1.0 - torch.pow(b1, step)
+        bc2 = 1.0 - torch.pow(b2, step)
+        mu = _tree.map(lambda g, m: torch.lerp(m, g, 1.0 - b1), updates, state.mu)
+        nu = _tree.map(lambda g, v: torch.addcmul(v * b2, g, g, value=1.0 - b2), updates, state.nu)
+        nu_max = _tree.map(torch.maximum, state.nu_max, nu) if amsgrad else None
+        second = nu_max if amsgrad else nu
+        if eps_root == 0.0:
+            bc2_sqrt = torch.sqrt(bc2)
+            out = _tree.map(lambda m, v: (m / bc1) / (torch.sqrt(v) / bc2_sqrt + eps), mu, second)
+        else:
+            out = _tree.map(lambda m, v: (m / bc1) / (torch.sqrt(v / bc2 + eps_root) + eps), mu, second)
+        return out, ScaleByAdamState(count, mu, nu, nu_max)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0) -> GradientTransformation:
+    """RMSprop's scaling ``g / (sqrt(nu) + eps)``, ``nu`` the running mean of ``g**2``.
+
+    ``eps`` is added outside the square root, as in torch.optim.RMSprop.
+    """
+    _check_beta("decay", decay, "scale_by_rms")
+    _check_eps(eps, "scale_by_rms")
+
+    def init(params: PyTree) -> ScaleByRmsState:
+        check_params(params, "scale_by_rms")
+        return ScaleByRmsState(_tree.map(lambda p: torch.full_like(p, initial_scale), params))
+
+    def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByRmsState]:
+        check_state(state, ScaleByRmsState, "scale_by_rms")
+        check_match(state.nu, updates, what="scale_by_rms: updates vs second moment (shaped like params)")
+        nu = _tree.map(lambda g, v: torch.addcmul(v * decay, g, g, value=1.0 - decay), updates, state.nu)
+        out = _tree.map(lambda g, v: g / (torch.sqrt(v) + eps), updates, nu)
+        return out, ScaleByRmsState(nu)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_stddev(decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0) -> GradientTransformation:
+    """Centered RMSprop's scaling ``g / (sqrt(nu - mu**2) + eps)``."""
+    _check_beta("decay", decay, "scale_by_stddev")
+    _check_eps(eps, "scale_by_stddev")
+
+    def init(params: PyTree) -> ScaleByStddevState:
+        check_params(params, "scale_by_stddev")
+        return ScaleByStddevState(_tree.zeros_like(params), _tree.map(lambda p: torch.full_like(p, initial_scale), params))
+
+    def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByStddevState]:
+        check_state(state, ScaleByStddevState, "scale_by_stddev")
+        check_match(state.nu, updates, what="scale_by_stddev: updates vs second moment (shaped like params)")
+        mu = _tree.map(lambda g, m: torch.lerp(m, g, 1.0 - decay), updates, state.mu)
+        nu = _tree.map(lambda g, v: torch.addcmul(v * decay, g, g, value=1.0 - decay), updates, state.nu)
+        out = _tree.map(lambda g, m, v: g / (torch.sqrt(torch.addcmul(v, m, m, value=-1.0)) + eps), updates, mu, nu)
+        return out, ScaleByStddevState(mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> GradientTransformation:
+    """Adagrad's scaling ``g / (sqrt(sum of g**2 so far) + eps)``."""
+    _check_eps(eps, "scale_by_rss")
+    if initial_accumulator_value < 0:
+        raise OptimizerConfigError(f"scale_by_rss: initial_accumulator_value must be >= 0, got {initial_accumulator_value}")
+
+    def init(params: PyTree) -> ScaleByRssState:
+        check_params(params, "scale_by_rss")
+        return ScaleByRssState(_tree.map(lambda p: torch.full_like(p, initial_accumulator_value), params))
+
+    def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByRssState]:
+        check_state(state, ScaleByRssState, "scale_by_rss")
+        check_match(state.sum_of_squares, updates, what="scale_by_rss: updates vs sum of squares (shaped like params)")
+        sums = _tree.map(lambda g, s: torch.addcmul(s, g, g), updates, state.sum_of_squares)
+        out = _tree.map(lambda g, s: g / (torch.sqrt(s) + eps), updates, sums)
+        return out, ScaleByRssState(sums)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
+    """Lion's direction ``sign(b1 * mu + (1 - b1) * g)``; then ``mu = b2 * mu + (1 - b2) * g``."""
+    _check_beta("b1", b1, "scale_by_lion")
+    _check_beta("b2", b2, "scale_by_lion")
+
+    def init(params: PyTree) -> ScaleByLionState:
+        check_params(params, "scale_by_lion")
+        return ScaleByLionState(zero_count(params), _tree.zeros_like(params))
+
+    def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByLionState]:
+        check_state(state, ScaleByLionState, "scale_by_lion")
+        check_match(state.mu, updates, what="scale_by_lion: updates vs momentum (shaped like params)")
+        out = _tree.map(lambda g, m: torch.sign(b1 * m + (1.0 - b1) * g), updates, state.mu)
+        mu = _tree.map(lambda g, m: b2 * m + (1.0 - b2) * g, updates, state.mu)
+        return out, ScaleByLionState(state.count + 1, mu)
+
+    return GradientTransformation(init, update)
