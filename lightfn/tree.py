@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import optree
 import torch
+import torch.utils._pytree as torch_pytree
 
 from .errors import TreeError
 
@@ -73,8 +74,21 @@ def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf: 
     return optree.tree_map_with_path(fn, tree, *rest, is_leaf=is_leaf, namespace=NAMESPACE)
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# Under torch.compile, dynamo's optree polyfill cannot flatten some trees (a dict whose
+# values are all None or constants); torch's own pytree traces them, and lightfn's node
+# types are registered with both. Within one trace the two are never mixed, so the leaf
+# order (sorted dict keys in optree, insertion order in torch) stays consistent. torch's
+# pytree keeps None as a leaf: leaves() drops it to match optree; flatten() keeps it.
+
+
 def leaves(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[Any]:
     """The leaves of ``tree`` in a fixed order (dict keys sorted)."""
+    if _compiling():
+        return [x for x in torch_pytree.tree_leaves(tree, is_leaf=is_leaf) if x is not None]
     return optree.tree_leaves(tree, is_leaf=is_leaf, namespace=NAMESPACE)
 
 
@@ -85,17 +99,24 @@ def leaves_with_path(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None)
 
 
 def flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> tuple[list[Any], optree.PyTreeSpec]:
-    """``(leaves, treedef)``; :func:`unflatten` inverts it."""
+    """``(leaves, treedef)``; :func:`unflatten` inverts it (under torch.compile, ``None``
+    nodes come back as leaves)."""
+    if _compiling():
+        return torch_pytree.tree_flatten(tree, is_leaf=is_leaf)
     return optree.tree_flatten(tree, is_leaf=is_leaf, namespace=NAMESPACE)
 
 
-def unflatten(treedef: optree.PyTreeSpec, leaves: Iterable[Any]) -> PyTree:
+def unflatten(treedef: Any, leaves: Iterable[Any]) -> PyTree:
     """Rebuild a tree of ``treedef``'s structure from ``leaves``."""
+    if isinstance(treedef, torch_pytree.TreeSpec):
+        return torch_pytree.tree_unflatten(list(leaves), treedef)
     return optree.tree_unflatten(treedef, leaves)
 
 
-def structure(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> optree.PyTreeSpec:
+def structure(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> Any:
     """The tree's structure (a treedef) without its leaves; equal structures compare equal."""
+    if _compiling():
+        return torch_pytree.tree_structure(tree, is_leaf=is_leaf)
     return optree.tree_structure(tree, is_leaf=is_leaf, namespace=NAMESPACE)
 
 
@@ -255,8 +276,6 @@ def pytree_dataclass(cls: type[T]) -> type[T]:
 
 
 def _register_with_torch(cls: type, flat: Callable[[Any], Any], unflat: Callable[[Any, Any], Any]) -> None:
-    import torch.utils._pytree as torch_pytree
-
     def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], Any]:
         kids, meta, names = flat(obj)
         return [(torch_pytree.GetAttrKey(n), k) for n, k in zip(names, kids)], meta

@@ -68,3 +68,17 @@ def test_torch_pytree_sees_dataclass_fields():
     leaves, spec = tp.tree_flatten(p)
     assert len(leaves) == 2
     assert tp.tree_unflatten(leaves, spec).name == "p"
+
+
+def test_leaves_and_flatten_trace_trees_with_constant_only_dicts():
+    # dynamo's optree polyfill cannot flatten {"a": None}; lf.tree must still trace it
+    t = {"mask": {"a": None, "b": None}, "w": Pair(a=torch.ones(2), b={"c": torch.ones(1)})}
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(t):
+        leaves, treedef = tree.flatten(t)
+        rebuilt = tree.unflatten(treedef, [None if x is None else x * 2 for x in leaves])
+        return tree.global_norm(rebuilt), len(tree.leaves(t)), tree.structure(t) == treedef
+
+    norm, n, same = f(t)
+    assert n == 2 and same and norm.item() == pytest.approx(12**0.5)
