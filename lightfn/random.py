@@ -178,6 +178,11 @@ class rng_scope(TorchFunctionMode):
     ``fold_in(key, n)``, so results depend only on the key and the program, never on
     torch's global generator. Other random functions raise :class:`StepError` rather than
     silently drawing numbers a resumed run could not reproduce.
+
+    Under ``torch.compile`` (torch 2.14) dropout, ``rand``, ``randint``, ``bernoulli`` and
+    ``uniform_`` give the same bits as eagerly and normal draws agree to float rounding,
+    but dynamo does not route ``rand_like``/``randn_like`` through function modes: inside
+    compiled steps write ``torch.rand(x.shape)`` or use :func:`uniform` with a key.
     """
 
     def __init__(self, key: torch.Tensor) -> None:
