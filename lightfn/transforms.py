@@ -270,6 +270,9 @@ def jit(
             params or optimizer moments. The caller must not keep using the old state.
         dynamic_batch: mark dim 0 of the batch argument (``batch_argnums``; default the
             last positional argument) dynamic, so a short last batch reuses the graph.
+            Inductor may still pick kernels by batch-size range (on CPU: sum reductions
+            over more than 4096 rows, matmuls with a width-1 side and under ~32
+            elements), which costs one more compile per range, never one per size.
         mode: ``torch.compile`` mode, e.g. ``"reduce-overhead"`` (CUDA graphs) or
             ``"max-autotune"``.
         fullgraph: refuse graph breaks (a break means a host round trip mid-step).
