@@ -56,7 +56,8 @@ class TrainState:
     """The whole state of a training run (a pytree; frozen; use ``.replace``).
 
     Fields:
-        step: 0-d int64 tensor, the number of optimizer steps taken.
+        step: 0-d int64 tensor, the number of train-step calls (one per batch; with
+            gradient accumulation the optimizer updates every k of them).
         params: the trainable parameters (a pytree of tensors).
         opt_state: the optimizer's state (``optimizer.init(params)``).
         rng: a key from :mod:`lightfn.random`; each step derives its own key from it and

@@ -1,2 +1,11 @@
-"""lightfn.callbacks (being written)."""
-__all__: list[str] = []
+"""Callbacks: observe the loop, return signals. See :mod:`lightfn.callbacks.base`."""
+
+from .base import Callback, Context, Signal
+from .checkpoint import ModelCheckpoint
+from .progress import ProgressBar
+from .early_stopping import EarlyStopping, MisconfigurationError
+from .lr_monitor import LearningRateMonitor
+from .nan import NonFiniteLossError, TerminateOnNaN
+from .timer import Timer
+
+__all__ = ["Callback", "Context", "Signal", "ModelCheckpoint", "ProgressBar", "EarlyStopping", "MisconfigurationError", "LearningRateMonitor", "TerminateOnNaN", "NonFiniteLossError", "Timer"]

@@ -14,7 +14,8 @@ Hook order (each hook calls the callbacks in list order)::
             [every val_check_interval steps: validation -> on_validation_end]
         [every check_val_every_n_epoch epochs: validation -> on_validation_end]
         on_epoch_end
-    on_fit_end                      (on_exception instead, when the loop raises)
+    on_fit_end                      (on_exception instead, when the loop raises; a SIGTERM
+                                     too: fit writes last.safetensors, then raises Preempted)
 
 >>> import lightfn as lf
 >>> class StopAt(lf.callbacks.Callback):
@@ -40,7 +41,10 @@ class Context:
 
     Attributes:
         state: the current TrainState (device tensors; read, never mutate).
-        step: optimizer steps taken so far (a host int kept by fit; no device sync).
+        step: train steps taken so far in the run, i.e. calls of the step function, one
+            per batch (a host int kept by fit; no device sync). With
+            ``accumulate_grad_batches=k`` the optimizer updates once every k steps; fit's
+            ``max_steps``, ``log_every_n_steps`` and the logged ``step`` count the same way.
         epoch: the current epoch, from 0.
         batch_idx: batches done in the current epoch.
         metrics: the latest logged values by name (``"train/loss"``, ``"train/loss_epoch"``,

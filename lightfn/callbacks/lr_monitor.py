@@ -8,7 +8,8 @@ tensor into a float is a host sync, so it happens only every ``log_every_n_steps
 
 ``fit`` itself already logs ``"lr"`` at its log points when the state is an
 ``lf.TrainState`` holding exactly one rate; this callback adds the epoch interval, several
-rates with their own names, and rates anywhere in a custom state.
+rates with their own names, and rates anywhere in a custom state. With this monitor among the
+callbacks, fit logs no ``lr`` of its own: the monitor owns every learning-rate name.
 
 Names it logs:
 

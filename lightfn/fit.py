@@ -1,0 +1,450 @@
+"""``lf.fit``: the training loop Lightning users expect, built from public pieces.
+
+``fit(step, state, train_data, ...)`` runs any pure step ``(state, batch) -> (state,
+metrics)`` over epochs of batches, validates, logs, calls callbacks and returns the
+trained state. Everything it does is reachable without it: ``lf.jit`` compiles the step
+(fused with on-device metric accumulation, :mod:`lightfn.runner`), ``lf.data.iterate``
+walks the data from any position, callbacks return :class:`~lightfn.callbacks.Signal`\\ s,
+and the whole loop state is one pytree written with ``lf.save`` (:mod:`lightfn.resume`).
+
+>>> state = lf.fit(lf.train_step(loss_fn, opt), state, lf.data.ArrayLoader(x, 64),
+...                val_data=val, eval_step=lf.eval_step(loss_fn), max_epochs=10,
+...                callbacks=[lf.callbacks.ModelCheckpoint("ckpts", monitor="val/loss")],
+...                loggers=[lf.loggers.CSVLogger("logs")])
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import optim, tree
+from .callbacks.base import Callback, Context, Signal
+from .callbacks.checkpoint import ModelCheckpoint
+from .callbacks.lr_monitor import LearningRateMonitor
+from .callbacks.progress import ProgressBar
+from .data import iterate, num_batches
+from .loggers.base import Logger
+from .loop import (FitError, Plan, Position, agree, batch_dtype, configure_steps, first_batches, is_main, make_plan,
+                   positive, preemption_signal, resolve_device)
+from .resume import data_seed, pack
+from .runner import EvalRunner, TrainRunner, means, to_host
+from .state import TrainState
+from .distributed.strategy import Spread, Strategy, setup_strategy
+
+__all__ = ["fit", "Preempted", "FitError"]
+
+_log = logging.getLogger("lightfn.fit")
+
+
+class Preempted(SystemExit):
+    """Raised by ``fit`` after a SIGTERM once ``last.safetensors`` is written.
+
+    A ``SystemExit`` with code 0: an uncaught one ends the process cleanly (the job
+    scheduler can requeue it and the next run resumes with ``resume_from="last"``); catch
+    it to do something else. ``checkpoint`` is the file written (``None`` if nowhere to).
+    Callbacks see it in ``on_exception`` (not ``on_fit_end``: training did not end).
+    """
+
+    def __init__(self, checkpoint: Path | None) -> None:
+        super().__init__(0)
+        self.checkpoint = checkpoint
+
+
+def fit(
+    step: Callable[[Any, Any], tuple[Any, Mapping[str, torch.Tensor]]],
+    state: Any,
+    train_data: Any,
+    *,
+    val_data: Any = None,
+    eval_step: Callable[[Any, Any], Mapping[str, torch.Tensor]] | None = None,
+    max_epochs: int | None = None,
+    max_steps: int | None = None,
+    max_time: Any = None,
+    min_epochs: int = 0,
+    min_steps: int = 0,
+    check_val_every_n_epoch: int | None = 1,
+    val_check_interval: int | float | None = None,
+    num_sanity_val_steps: int = 2,
+    limit_train_batches: int | float | None = None,
+    limit_val_batches: int | float | None = None,
+    fast_dev_run: bool | int = False,
+    overfit_batches: int | float = 0,
+    jit: bool = True,
+    device: torch.device | str = "auto",
+    precision: str | None = None,
+    accumulate_grad_batches: int = 1,
+    gradient_clip_val: float | None = None,
+    callbacks: Sequence[Callback] = (),
+    loggers: Sequence[Logger] = (),
+    log_every_n_steps: int = 50,
+    progress: bool | None = None,
+    resume_from: str | os.PathLike[str] | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    ckpt_dir: str | os.PathLike[str] | None = None,
+    strategy: str | Strategy | None = None,
+) -> Any:
+    """Train ``state`` with ``step`` over ``train_data``; return the trained state.
+
+    The caller's ``state`` is never modified: fit copies it to the device first (the
+    compiled step then updates the copy in place). A *step* is one call of ``step``, i.e.
+    one batch: ``max_steps``, ``log_every_n_steps``, ``val_check_interval`` and the logged
+    ``step`` all count calls (with ``accumulate_grad_batches=k`` the optimizer updates every
+    k steps).
+
+    Args:
+        step: ``(state, batch) -> (new_state, metrics)``: an ``lf.train_step``, any pure
+            function of that form, or one already wrapped in ``lf.jit``. ``metrics`` is a
+            dict of scalar tensors, logged as ``train/<name>``.
+        state: the initial state (usually an ``lf.TrainState``; any pytree works).
+        train_data: an ``lf.data.ArrayLoader`` (exact resume, no host copies), a
+            ``torch.utils.data.DataLoader`` or any re-iterable of batches (see
+            ``lf.data.iterate`` for what resume means for each).
+        val_data: batches for validation (needs ``eval_step``).
+        eval_step: ``(state, batch) -> metrics``, e.g. ``lf.eval_step(loss_fn)``; logged as
+            epoch means ``val/<name>``.
+        max_epochs: stop after this many epochs (default 1000 when ``max_steps`` is not
+            given either, like Lightning; -1: no limit).
+        max_steps: stop after this many steps (-1 or None: no limit).
+        max_time: stop once this much training time is spent (seconds, a ``timedelta``,
+            a dict like ``dict(hours=1)`` or ``"DD:HH:MM:SS"``; a resumed run counts the
+            time before the checkpoint).
+        min_epochs, min_steps: a stop asked by a callback (e.g. ``EarlyStopping``) waits
+            until this many epochs are complete and steps taken.
+        check_val_every_n_epoch: validate in every n-th epoch; ``None`` with an int
+            ``val_check_interval`` validates every that many steps across epochs.
+        val_check_interval: ``None``: validate at the end of the epoch; an int: after every
+            that many batches of the epoch; a float: after every that fraction of it.
+        num_sanity_val_steps: validation batches run before training to catch a broken
+            eval step early (not logged; -1: all; 0: none).
+        limit_train_batches, limit_val_batches: use only this many batches per epoch /
+            per validation (an int, or a float fraction of the data).
+        fast_dev_run: run 1 batch (or this many) of training and validation, in one epoch,
+            writing nothing: no loggers, checkpoints or progress bar.
+        overfit_batches: train on the same first batches every epoch (an int, or a float
+            fraction) and validate on them too: the first batches of ``train_data``'s
+            epoch 0, taken once and reused, so no reshuffle ever changes them.
+        jit: compile the step and the eval step with ``lf.jit`` (one graph each, fused with
+            the metric accumulation; the train graph donates the state). ``False`` runs
+            eagerly; a step already wrapped in ``lf.jit`` is used as it is.
+        device: ``"auto"`` (CUDA, else MPS, else CPU) or any torch device. The state is
+            copied there; batches are moved there without a host sync (a device-resident
+            ``ArrayLoader`` needs no move).
+        precision: ``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"`` (dynamic loss scaling in
+            the state), ``"bf16-true"``... applied to an ``lf.TrainStep``/``lf.EvalStep``
+            (for a hand-written step, apply autocast inside it instead).
+        accumulate_grad_batches: average the gradients of k steps per optimizer update
+            (``lf.optim.multi_steps`` around the TrainStep's optimizer).
+        gradient_clip_val: clip gradients to this global norm before the optimizer
+            (``lf.optim.clip_by_global_norm``, applied to the accumulated gradient).
+        callbacks: ``lf.callbacks.Callback`` objects, called in list order at each hook
+            (order documented in :mod:`lightfn.callbacks.base`).
+        loggers: ``lf.loggers.Logger`` objects; only rank 0 logs. Logged names:
+            ``train/<name>`` (the step's value every ``log_every_n_steps`` steps),
+            ``train/<name>_epoch`` (epoch means, weighted by batch size), ``val/<name>``,
+            ``epoch``, and ``lr`` at the step log points when the state is an
+            ``lf.TrainState`` whose optimizer holds one learning rate. With an
+            ``lf.callbacks.LearningRateMonitor`` among ``callbacks`` fit logs no ``lr`` of
+            its own: the monitor then owns every learning-rate name (one rule, no duplicates).
+        log_every_n_steps: how often step metrics are copied to the host and logged.
+        progress: a tqdm bar (``lf.callbacks.ProgressBar``): ``None`` shows it when stdout
+            is a terminal, ``True`` always, ``False`` never.
+        resume_from: a checkpoint written by fit, or ``"last"`` (``last.safetensors`` in
+            the first ModelCheckpoint's dirpath, or ``ckpt_dir``): restores the state, the
+            loop position, the metric sums, the latest logged values and every callback's
+            state, and continues at the exact batch (``state`` is then only the template).
+            With an ``lf.data.ArrayLoader`` the result is bit-identical to a run never
+            interrupted: its order is a pure function of (seed, epoch), the seed is in the
+            checkpoint (a loader with another seed is refused) and randomness in the step
+            comes from the state. With a ``DataLoader`` or another iterable, fit restarts
+            that epoch's iteration and draws and discards the batches already done (they
+            are loaded again, which costs time); that is exact only if the iterable yields
+            the same batches in the same order each time (a list, no shuffle, a
+            ``DistributedSampler``, whose ``set_epoch`` fit calls). A loader shuffled by an
+            unseeded generator resumes at the right count in a *new* order, so some samples
+            of that epoch are seen twice and others not at all; fit cannot detect that.
+        hparams: hyperparameters logged to every logger at the start.
+        ckpt_dir: where a SIGTERM writes ``last.safetensors`` (default: the first
+            ModelCheckpoint's dirpath). On SIGTERM fit finishes the current step, writes
+            it, and raises :class:`Preempted` (a clean ``SystemExit(0)``).
+        strategy: run on every process torchrun started (refused outside torchrun):
+            ``"ddp"`` (params replicated, gradients averaged in the step), ``"fsdp"`` (params
+            and optimizer state sharded, ZeRO-3), or an ``lf.distributed.Strategy`` (e.g.
+            ``gather_checkpoints=True``). A step already wrapped by
+            ``lf.distributed.data_parallel``/``fully_sharded`` needs none. Each rank trains on
+            its rows of every batch; rank 0 logs and writes; fsdp checkpoints are folders of
+            per-rank files. See :mod:`lightfn.distributed.strategy`.
+    """
+    if fast_dev_run:
+        n = 1 if fast_dev_run is True else positive("fast_dev_run", fast_dev_run)
+        max_epochs, max_steps, limit_train_batches, limit_val_batches = 1, n, n, n
+        num_sanity_val_steps, val_check_interval, check_val_every_n_epoch = 0, None, 1
+        loggers, progress = (), False
+    device = resolve_device(device)
+    step, state, eval_step = configure_steps(step, state, eval_step, precision, accumulate_grad_batches, gradient_clip_val)
+    spread = setup_strategy(strategy, step, state, eval_step, callbacks)
+    step, state, eval_step, device = spread.step, spread.state, spread.eval_step, spread.device(device)
+    train_data, val_data = spread.shard_data(train_data, "train_data"), spread.shard_data(val_data, "val_data")
+    if overfit_batches:
+        train_data = first_batches(train_data, overfit_batches)
+        val_data = train_data if eval_step is not None else val_data
+        limit_train_batches = limit_val_batches = None
+    if val_data is not None and eval_step is None:
+        raise FitError("val_data needs an eval_step, e.g. eval_step=lf.eval_step(loss_fn)")
+    has_val = val_data is not None and eval_step is not None
+    plan = make_plan(
+        n_train=num_batches(train_data), n_val=num_batches(val_data) if has_val else None, has_val=has_val,
+        max_epochs=max_epochs, max_steps=max_steps, max_time=max_time, min_epochs=min_epochs, min_steps=min_steps,
+        check_val_every_n_epoch=check_val_every_n_epoch, val_check_interval=val_check_interval,
+        num_sanity_val_steps=num_sanity_val_steps, limit_train_batches=limit_train_batches,
+        limit_val_batches=limit_val_batches, log_every_n_steps=log_every_n_steps,
+    )
+    callbacks = _with_progress_bar(list(callbacks), progress, plan.train_batches)
+    if ckpt_dir is None:
+        ckpt_dir = next((cb.dirpath for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+    loop = _Loop(
+        plan=plan, train=TrainRunner(step, compile=jit), evaluate=EvalRunner(eval_step, compile=jit) if has_val else None,
+        state=_copy_to(state, device), train_data=train_data, val_data=val_data if has_val else None,
+        callbacks=callbacks, loggers=list(loggers), device=device, writes=not fast_dev_run,
+        ckpt_dir=None if ckpt_dir is None else Path(ckpt_dir), batch_dtype=batch_dtype(step), spread=spread,
+    )
+    if resume_from is not None:
+        loop.restore(_resume_path(resume_from, loop.ckpt_dir))
+    with spread.guard():
+        return spread.finish(loop.run(hparams))
+
+
+class _Loop:
+    """The mutable parts of one fit run and the loop over them."""
+
+    def __init__(self, *, plan: Plan, train: TrainRunner, evaluate: EvalRunner | None, state: Any, train_data: Any,
+                 val_data: Any, callbacks: list[Callback], loggers: list[Logger], device: torch.device, writes: bool,
+                 ckpt_dir: Path | None, batch_dtype: torch.dtype | None, spread: Spread) -> None:
+        self.plan, self.train, self.evaluate, self.state = plan, train, evaluate, state
+        self.train_data, self.val_data, self.callbacks, self.loggers = train_data, val_data, callbacks, loggers
+        self.device, self.writes, self.ckpt_dir, self.main = device, writes, ckpt_dir, is_main()
+        self.batch_dtype, self.spread = batch_dtype, spread
+        self.log_lr = not any(isinstance(cb, LearningRateMonitor) for cb in callbacks)
+        self.pos, self.acc, self.metrics = Position(), None, {}
+        self.stop_reason, self.t0 = "", time.monotonic()
+        _check_state_keys(callbacks)
+
+    def restore(self, path: Path) -> None:
+        self.state, self.pos, self.acc, names, self.metrics = self.spread.restore(path, self.state, self.callbacks, data_seed(self.train_data))
+        self.train.expected_names = names if self.acc is not None else None
+        _log.info("resumed from %s at epoch %d, batch %d, step %d", path, self.pos.epoch, self.pos.batch, self.pos.step)
+
+    def run(self, hparams: Mapping[str, Any] | None) -> Any:
+        plan, pos = self.plan, self.pos
+        with preemption_signal() as preempted:
+            try:
+                if hparams and self.main:
+                    for logger in self.loggers:
+                        logger.log_hparams(dict(hparams))
+                self.emit(lambda cb, ctx: cb.on_fit_start(ctx))
+                if plan.sanity_batches:
+                    self.validate("sanity")
+                if pos.batch and plan.validate_after_batch(pos) and pos.last_val_step != pos.step:
+                    self.validate()  # resumed from a checkpoint written just before a due validation
+                while not self.finished():
+                    for batch in self.batches():
+                        self.state, self.acc, metrics = self.train(self.state, self.acc, self.to_device(batch))
+                        pos.batch, pos.step = pos.batch + 1, pos.step + 1
+                        if pos.step % plan.log_every_n_steps == 0:
+                            self.log_step(metrics)
+                        self.emit(lambda cb, ctx: cb.on_train_batch_end(ctx))
+                        if plan.validate_after_batch(pos):
+                            self.validate()
+                        stop, sigterm = agree((self.should_stop(), preempted()), self.device)
+                        if sigterm:
+                            return self.preempt()
+                        if stop:
+                            break
+                    self.end_epoch()
+                self.emit(lambda cb, ctx: cb.on_fit_end(ctx))
+            except BaseException as error:  # a Preempted included: training did not end
+                self.on_exception(error)
+                raise
+            finally:
+                for logger in self.loggers if self.main else ():
+                    logger.flush()
+        if self.stop_reason:
+            _log.info("fit stopped at epoch %d, step %d: %s", pos.epoch, pos.step, self.stop_reason)
+        return self.state
+
+    # -- the pieces of the loop -------------------------------------------------------------
+
+    def finished(self) -> bool:
+        max_epochs = self.plan.max_epochs
+        return (max_epochs is not None and self.pos.epoch >= max_epochs) or self.should_stop()
+
+    def should_stop(self) -> bool:
+        pos = self.pos
+        return (pos.stop_requested and self.plan.may_stop_early(pos)) or self.plan.out_of_budget(pos, self.elapsed())
+
+    def batches(self) -> Any:
+        pos, n = self.pos, self.plan.train_batches
+        data = iterate(self.train_data, pos.epoch, start=pos.batch)
+        return data if n is None else itertools.islice(data, max(0, n - pos.batch))
+
+    def end_epoch(self) -> None:
+        pos = self.pos
+        if self.acc is None or (pos.batch == 0 and not pos.epoch_done):
+            raise FitError(
+                f"train_data yielded no batches in epoch {pos.epoch} (an empty dataset, a batch size larger than the "
+                "data, or a one-shot iterator already consumed: pass a list, an lf.data.ArrayLoader or a DataLoader)"
+            )
+        self.log({f"train/{k}_epoch": v for k, v in means(self.spread.sum(self.acc), self.train.acc_names).items()})
+        if self.evaluate is not None and self.plan.validate_at_epoch_end(pos):
+            self.validate()
+        pos.epoch_done = True
+        self.emit(lambda cb, ctx: cb.on_epoch_end(ctx))
+        pos.epoch, pos.batch, pos.epoch_done = pos.epoch + 1, 0, False
+        self.acc = torch.zeros_like(self.acc)
+
+    def validate(self, stage: str = "validate") -> None:
+        n = self.plan.sanity_batches if stage == "sanity" else self.plan.val_batches
+        data = iterate(self.val_data, 0)
+        acc = None
+        for batch in data if n is None else itertools.islice(data, n):
+            acc = self.evaluate(self.state, acc, self.to_device(batch))
+        if acc is None:
+            raise FitError("val_data yielded no batches (an empty dataset, or a batch size larger than the data?)")
+        values = to_host({f"val/{k}": v for k, v in means(self.spread.sum(acc), self.evaluate.names).items()})
+        if stage == "sanity":  # not logged; callbacks see it only in this hook
+            self.emit(lambda cb, ctx: cb.on_validation_end(ctx), stage=stage, extra=values)
+            return
+        self.pos.last_val_step = self.pos.step
+        self.log(values)
+        self.emit(lambda cb, ctx: cb.on_validation_end(ctx), stage=stage)
+
+    def log_step(self, metrics: Mapping[str, torch.Tensor]) -> None:
+        values = {f"train/{k}": v for k, v in self.spread.mean(metrics).items()}
+        lr = _single_lr(self.state) if self.log_lr else None
+        if lr is not None:
+            values["lr"] = lr
+        self.log(values)
+
+    def log(self, values: Mapping[str, Any]) -> None:
+        """Copy device values to the host in one transfer, remember and log them."""
+        tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+        host = {**{k: float(v) for k, v in values.items() if k not in tensors}, **to_host(tensors), "epoch": self.pos.epoch}
+        self.metrics.update(host)
+        if self.main:
+            for logger in self.loggers:
+                logger.log_metrics(host, self.pos.step)
+
+    def emit(self, hook: Callable[[Callback, Context], Signal | None], stage: str = "train", extra: Mapping[str, float] | None = None) -> None:
+        """Call ``hook`` on every callback, then act on their signals (saves after all ran)."""
+        ctx = self.context(stage, extra)
+        saves, deletes = [], []
+        for cb in self.callbacks:
+            signal = hook(cb, ctx)
+            if signal is None:
+                continue
+            if not isinstance(signal, Signal):
+                raise FitError(f"callback {type(cb).__name__} returned a {type(signal).__name__}; hooks return None or lf.callbacks.Signal")
+            if signal.log:
+                self.log(dict(signal.log))
+            if signal.stop:
+                self.pos.stop_requested, self.stop_reason = True, signal.reason or f"{type(cb).__name__} asked to stop"
+            saves += signal.save
+            deletes += signal.delete
+        for path in dict.fromkeys(saves):  # two ModelCheckpoints may share one last.safetensors
+            self.save(path)
+        for path in deletes:
+            if self.writes and path not in saves:
+                self.spread.delete(path)  # rank 0 only
+
+    def context(self, stage: str, extra: Mapping[str, float] | None = None) -> Context:
+        pos = self.pos
+        return Context(state=self.state, step=pos.step, epoch=pos.epoch, batch_idx=pos.batch, stage=stage,
+                       metrics={**self.metrics, **(extra or {})}, is_main=self.main, elapsed=self.elapsed())
+
+    def save(self, path: str | os.PathLike[str], agreed: bool = True) -> None:
+        """Write a checkpoint; ``agreed``: every rank saves this path now (see Spread.save)."""
+        if self.writes:
+            names = self.train.acc_names
+            self.spread.save(path, pack(self.state, self.pos, self.acc, names, self.callbacks, data_seed(self.train_data),
+                                        self.elapsed(), self.metrics))
+
+    def preempt(self) -> Any:
+        path = None if self.ckpt_dir is None or not self.writes else self.ckpt_dir / "last.safetensors"
+        if path is not None:
+            self.save(path)
+        _log.warning("SIGTERM at epoch %d, step %d: %s", self.pos.epoch, self.pos.step,
+                     f"saved {path}; resume with resume_from='last'" if path else "nothing saved (no ckpt_dir)")
+        raise Preempted(path)  # callbacks then get on_exception, as for any interruption
+
+    def on_exception(self, error: BaseException) -> None:
+        ctx = self.context("train")
+        for cb in self.callbacks:
+            try:
+                signal = cb.on_exception(ctx, error)
+                for path in signal.save if isinstance(signal, Signal) else ():
+                    self.save(path, agreed=False)
+            except Exception as e:  # noqa: BLE001 - the original error is the one to raise
+                _log.error("callback %s failed in on_exception: %s", type(cb).__name__, e)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def to_device(self, batch: Any) -> Any:
+        first = next((x for x in tree.leaves(batch) if isinstance(x, torch.Tensor)), None)
+        if first is not None and first.device != self.device:
+            batch = tree.to_device(batch, self.device, non_blocking=True)
+        # "*-true" precisions hold params in that dtype; floating inputs follow (as in Lightning).
+        return batch if self.batch_dtype is None else tree.cast(batch, self.batch_dtype)
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def _with_progress_bar(callbacks: list[Callback], progress: bool | None, total: int | None) -> list[Callback]:
+    if progress is None:
+        progress = sys.stdout.isatty()
+    if progress and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+        callbacks.append(ProgressBar(total=total))
+    return callbacks
+
+
+def _check_state_keys(callbacks: list[Callback]) -> None:
+    seen: dict[str, Callback] = {}
+    for cb in callbacks:
+        if not cb.state_dict():
+            continue
+        if cb.state_key in seen:
+            raise FitError(
+                f"callbacks {type(seen[cb.state_key]).__name__} and {type(cb).__name__} share state_key "
+                f"{cb.state_key!r}, so their states would overwrite each other in checkpoints; give them different "
+                "arguments or override state_key"
+            )
+        seen[cb.state_key] = cb
+
+
+def _resume_path(resume_from: str | os.PathLike[str], ckpt_dir: Path | None) -> Path:
+    if resume_from == "last":
+        if ckpt_dir is None:
+            raise FitError('resume_from="last" needs a ModelCheckpoint callback (its dirpath) or ckpt_dir=')
+        return ckpt_dir / "last.safetensors"
+    return Path(resume_from)
+
+
+def _copy_to(state: Any, device: torch.device) -> Any:
+    """A copy of ``state`` on ``device`` (the compiled step donates it, never the caller's)."""
+    return tree.map(lambda x: x.detach().to(device, copy=True) if isinstance(x, torch.Tensor) else x, state)
+
+
+def _single_lr(state: Any) -> torch.Tensor | None:
+    if not isinstance(state, TrainState):
+        return None
+    rates = optim.learning_rates(state.opt_state)
+    return next(iter(rates.values())) if len(rates) == 1 else None

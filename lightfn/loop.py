@@ -1,0 +1,364 @@
+"""The parts of ``lf.fit`` that are not the loop itself: its plan, position and rules.
+
+- :class:`Plan`: every counting flag of ``fit`` resolved once against the data (limits,
+  validation schedule, stopping limits), validated with one clear message each.
+- :class:`Position`: where the loop is (epoch, batch in the epoch, steps, ...): host ints,
+  saved in every fit checkpoint so a resumed run continues at the exact batch.
+- Device and process helpers: :func:`resolve_device`, :func:`is_main`, :func:`agree`
+  (the one place a distributed run makes every rank take the same stop decision), and
+  :func:`preemption_signal` (SIGTERM turned into a flag the loop polls between steps).
+- What fit makes of its step and data arguments before looping: :func:`configure_steps`
+  (precision, ``accumulate_grad_batches`` and ``gradient_clip_val`` applied to an
+  ``lf.TrainStep``), :func:`first_batches` (``overfit_batches``), :func:`batch_dtype`.
+
+Running the steps with on-device metric accumulation lives in :mod:`lightfn.runner`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import itertools
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import optim
+from .data import iterate, num_batches
+from .errors import LightfnError
+from .step import EvalStep, TrainStep
+from .transforms import Jitted
+
+__all__ = ["FitError", "Plan", "Position", "make_plan", "resolve_device", "is_main", "agree", "preemption_signal",
+           "configure_steps", "first_batches", "batch_dtype", "positive"]
+
+
+class FitError(LightfnError, ValueError):
+    """An argument of ``lf.fit`` does not fit the run (bad flag value, empty data...)."""
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """The resolved counting flags of one ``fit`` call (see ``fit``'s docstring).
+
+    ``train_batches``/``val_batches``: batches per epoch / per validation run (``None`` =
+    as many as the data yields). ``val_every``: validate after every that many batches
+    (``None``: at epoch end); counted over the whole run when ``val_check_every_n_epoch``
+    is ``None``, else within each epoch.
+    """
+
+    max_epochs: int | None
+    max_steps: int | None
+    max_time: float | None
+    min_epochs: int
+    min_steps: int
+    train_batches: int | None
+    val_batches: int | None
+    sanity_batches: int | None
+    val_every: int | None
+    check_val_every_n_epoch: int | None
+    log_every_n_steps: int
+
+    def epoch_validates(self, epoch: int) -> bool:
+        n = self.check_val_every_n_epoch
+        return n is None or (epoch + 1) % n == 0
+
+    def validate_after_batch(self, pos: "Position") -> bool:
+        """After the batch that brought ``pos`` to where it is, is a validation due?"""
+        if self.val_every is None or not self.epoch_validates(pos.epoch):
+            return False
+        counter = pos.step if self.check_val_every_n_epoch is None else pos.batch
+        return counter % self.val_every == 0
+
+    def validate_at_epoch_end(self, pos: "Position") -> bool:
+        return self.val_every is None and self.epoch_validates(pos.epoch) and pos.last_val_step != pos.step
+
+    def epoch_full(self, pos: "Position") -> bool:
+        return self.train_batches is not None and pos.batch >= self.train_batches
+
+    def may_stop_early(self, pos: "Position") -> bool:
+        """``min_epochs`` (epochs completed) and ``min_steps`` are met."""
+        return pos.epoch + pos.epoch_done >= self.min_epochs and pos.step >= self.min_steps
+
+    def out_of_budget(self, pos: "Position", elapsed: float) -> bool:
+        return (self.max_steps is not None and pos.step >= self.max_steps) or (
+            self.max_time is not None and pos.elapsed + elapsed >= self.max_time
+        )
+
+
+def _int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise FitError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _count(name: str, value: int | float | None, available: int | None) -> int | None:
+    """An int or a fraction of ``available`` batches (Lightning's limit_*_batches)."""
+    if value is None:
+        return available
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise FitError(f"{name} must be an int >= 0 or a float in [0, 1], got {value!r}")
+    if isinstance(value, int):
+        return value if available is None else min(value, available)
+    if value > 1.0:
+        raise FitError(f"{name}={value} is a fraction > 1; pass an int for a number of batches")
+    if available is None:
+        if value == 1.0:
+            return None
+        raise FitError(f"{name}={value} is a fraction, but the data has no len(); pass an int number of batches")
+    n = int(available * value)
+    if n == 0 and value > 0:
+        raise FitError(f"{name}={value} of {available} batches is less than one batch; raise it or pass an int")
+    return n
+
+
+def parse_max_time(max_time: Any) -> float | None:
+    """Seconds from a number, a ``timedelta``, a dict of timedelta fields, or ``"DD:HH:MM:SS"``."""
+    if max_time is None:
+        return None
+    from .callbacks.timer import parse_duration
+
+    try:
+        return parse_duration(max_time)
+    except LightfnError as e:
+        raise FitError(f"max_time: {str(e).removeprefix('Timer: ')}") from None
+
+
+def make_plan(
+    *,
+    n_train: int | None,
+    n_val: int | None,
+    has_val: bool,
+    max_epochs: int | None,
+    max_steps: int | None,
+    max_time: float | str | datetime.timedelta | None,
+    min_epochs: int,
+    min_steps: int,
+    check_val_every_n_epoch: int | None,
+    val_check_interval: int | float | None,
+    num_sanity_val_steps: int,
+    limit_train_batches: int | float | None,
+    limit_val_batches: int | float | None,
+    log_every_n_steps: int,
+) -> Plan:
+    """Validate fit's counting flags and resolve them against the data's lengths."""
+    if max_epochs is None and max_steps is None:
+        max_epochs = 1000  # Lightning's default when neither limit is given
+    if max_epochs is not None and max_epochs != -1:
+        _int("max_epochs", max_epochs, 0)
+    if max_steps is not None and max_steps != -1:
+        _int("max_steps", max_steps, 0)
+    _int("min_epochs", min_epochs, 0)
+    _int("min_steps", min_steps, 0)
+    _int("log_every_n_steps", log_every_n_steps, 1)
+    _int("num_sanity_val_steps", num_sanity_val_steps, -1)
+    if check_val_every_n_epoch is not None:
+        _int("check_val_every_n_epoch", check_val_every_n_epoch, 1)
+    if n_train == 0:
+        raise FitError(
+            "train_data has no batches (an empty dataset, or a batch size larger than the data with drop_last=True)"
+        )
+    train_batches = _count("limit_train_batches", limit_train_batches, n_train)
+    val_batches = _count("limit_val_batches", limit_val_batches, n_val) if has_val else 0
+    if train_batches == 0:
+        raise FitError(f"limit_train_batches={limit_train_batches!r} leaves no training batch")
+    val_every = _val_every(val_check_interval, train_batches, check_val_every_n_epoch) if has_val else None
+    sanity = 0 if not has_val else (val_batches if num_sanity_val_steps == -1 else _min(num_sanity_val_steps, val_batches))
+    return Plan(
+        max_epochs=None if max_epochs == -1 else max_epochs,
+        max_steps=None if max_steps == -1 else max_steps,
+        max_time=parse_max_time(max_time),
+        min_epochs=min_epochs,
+        min_steps=min_steps,
+        train_batches=train_batches,
+        val_batches=val_batches,
+        sanity_batches=sanity,
+        val_every=val_every,
+        check_val_every_n_epoch=check_val_every_n_epoch,
+        log_every_n_steps=log_every_n_steps,
+    )
+
+
+def _min(a: int, b: int | None) -> int:
+    return a if b is None else min(a, b)
+
+
+def _val_every(interval: int | float | None, train_batches: int | None, every_n_epoch: int | None) -> int | None:
+    if interval is None:
+        if every_n_epoch is None:
+            raise FitError("check_val_every_n_epoch=None needs an int val_check_interval (validate every N steps)")
+        return None
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+        raise FitError(f"val_check_interval must be an int >= 1 (batches) or a float in (0, 1] (epoch fraction), got {interval!r}")
+    if isinstance(interval, float):
+        if interval > 1.0:
+            raise FitError(f"val_check_interval={interval} is a fraction > 1; pass an int for a number of batches")
+        if every_n_epoch is None:
+            raise FitError("check_val_every_n_epoch=None needs an int val_check_interval, not a fraction")
+        if train_batches is None:
+            raise FitError("val_check_interval as a fraction needs data with a len(); pass an int number of batches")
+        return max(1, int(train_batches * interval))
+    if every_n_epoch is not None and train_batches is not None and interval > train_batches:
+        raise FitError(
+            f"val_check_interval={interval} is more than the {train_batches} batches of an epoch, so validation "
+            "would never run; lower it, or pass check_val_every_n_epoch=None to count batches across epochs"
+        )
+    return interval
+
+
+# ----------------------------------------------------------------------------- step options, data
+
+
+def positive(name: str, value: Any) -> int:
+    """``value`` after checking it is an int >= 1 (``fast_dev_run=n``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FitError(f"{name} must be True or an int >= 1, got {value!r}")
+    return value
+
+
+def configure_steps(step: Any, state: Any, eval_step: Any, precision: str | None, accumulate: int,
+                     clip: float | None) -> tuple[Any, Any, Any]:
+    """Apply precision / accumulation / clipping to an ``lf.TrainStep`` (refused for others)."""
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise FitError(f"accumulate_grad_batches must be an int >= 1, got {accumulate!r}")
+    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+        raise FitError(f"gradient_clip_val must be a number > 0, got {clip!r}")
+    inner = step.fn if isinstance(step, Jitted) else step
+    if not isinstance(step, TrainStep):
+        asked = [f"{n}={v!r}" for n, v in (("precision", precision), ("accumulate_grad_batches", accumulate if accumulate != 1 else None),
+                                            ("gradient_clip_val", clip)) if v is not None]
+        if asked:
+            raise FitError(
+                f"{', '.join(asked)} apply to an lf.train_step(...) step, and this step is a {type(step).__name__}. "
+                "For your own step: use lf.optim.multi_steps(opt, k) for accumulation, "
+                "lf.optim.chain(lf.optim.clip_by_global_norm(v), opt) for clipping, and autocast inside the step for "
+                "precision" + (" (or pass the TrainStep unjitted: fit compiles it)" if isinstance(step, Jitted) else "")
+            )
+        if isinstance(inner, TrainStep):
+            state = inner.prepare_state(state)
+        return step, state, eval_step
+    if accumulate != 1 or clip is not None:
+        if int(state.step) != 0:
+            raise FitError(
+                f"accumulate_grad_batches / gradient_clip_val re-initialize the optimizer state, but the state has "
+                f"already taken {int(state.step)} steps; build the optimizer with lf.optim.multi_steps / "
+                "lf.optim.clip_by_global_norm instead, or pass a fresh state (resume_from restores a run)"
+            )
+        opt = step.optimizer
+        if clip is not None:
+            opt = optim.chain(optim.clip_by_global_norm(float(clip)), opt)
+        if accumulate > 1:
+            opt = optim.multi_steps(opt, accumulate)
+        step = step.replace(optimizer=opt)
+        state = state.replace(opt_state=opt.init(state.params))
+    if precision is not None:
+        step = step.replace(precision=precision)
+        if isinstance(eval_step, EvalStep):
+            eval_step = eval_step.replace(precision=precision)
+    return step, step.prepare_state(state), eval_step
+
+
+def first_batches(data: Any, overfit: int | float) -> list[Any]:
+    """The first ``overfit`` batches (an int, or a fraction) of epoch 0, taken once."""
+    n = num_batches(data)
+    if isinstance(overfit, float) and not isinstance(overfit, bool):
+        if not 0 < overfit <= 1 or n is None:
+            raise FitError(f"overfit_batches={overfit} must be an int, or a fraction in (0, 1] of data with a len()")
+        count = max(1, int(n * overfit))
+    elif isinstance(overfit, int) and not isinstance(overfit, bool) and overfit > 0:
+        count = overfit
+    else:
+        raise FitError(f"overfit_batches must be an int >= 0 or a float in (0, 1], got {overfit!r}")
+    batches = list(itertools.islice(iterate(data, 0), count))
+    if not batches:
+        raise FitError("train_data has no batches (an empty dataset, or a batch size larger than the data?)")
+    return batches
+
+
+def batch_dtype(step: Any) -> torch.dtype | None:
+    """The dtype floating batches are cast to: that of a ``*-true`` precision, else None."""
+    inner = step.fn if isinstance(step, Jitted) else step
+    if not isinstance(inner, TrainStep):
+        return None
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(inner.precision)
+
+
+# ----------------------------------------------------------------------------- position
+
+
+@dataclasses.dataclass(kw_only=True)
+class Position:
+    """Where the loop is. ``batch``: batches done in ``epoch``; ``step``: steps taken in
+    the run; ``epoch_done``: ``epoch``'s end was processed (a checkpoint then resumes at the
+    next epoch); ``last_val_step``: the step of the latest validation (so a resumed run
+    neither repeats nor skips one); ``elapsed``: seconds spent by earlier runs resumed from."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    epoch_done: bool = False
+    last_val_step: int = -1
+    stop_requested: bool = False
+    elapsed: float = 0.0
+
+
+# ----------------------------------------------------------------------------- devices, processes
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``"auto"``: CUDA when available, else MPS, else CPU; anything else as given."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise FitError(f"device={device!r} is not a device ({e}); use 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'") from None
+
+
+def is_main() -> bool:
+    """True on the process that logs and writes files: rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def agree(flags: tuple[bool, ...], device: torch.device) -> tuple[bool, ...]:
+    """Every rank's flags OR-ed together, so all ranks stop (or save) at the same step.
+
+    A no-op in a single process. Distributed, it is one small all-reduce (a host sync),
+    which fit calls once per step: the price of answering a SIGTERM that reached one rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
+@contextlib.contextmanager
+def preemption_signal() -> Iterator[Callable[[], bool]]:
+    """Catch SIGTERM for the duration of the block; yield a function saying if it came.
+
+    The previous handler is restored on exit. Outside the main thread (where Python allows
+    no signal handlers) nothing is installed and the function always says False.
+    """
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event.is_set
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield event.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)

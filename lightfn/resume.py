@@ -1,0 +1,163 @@
+"""What a checkpoint written by ``lf.fit`` holds, and how a run is restored from it.
+
+A fit checkpoint is one safetensors pytree (see :mod:`lightfn.checkpoint`) with
+
+- the TrainState's fields at the top level (``step``, ``params``, ``opt_state``, ``rng``,
+  ``buffers``, ``loss_scale``, ``extra``), so ``lf.load(path)["params"]`` is all inference
+  needs (a dict state's keys are at the top level the same way; any other state is under
+  ``"state"``);
+- ``"loop"``: the loop position (``epoch``, ``batch`` within it, host ``step``,
+  ``last_val_step``, ``stop_requested``, ``elapsed`` seconds), the data order seed
+  (``data_seed``, as a string; empty when the data has none), the epoch's metric sums
+  (``acc``, see :mod:`lightfn.runner`) and their names (``metrics``, JSON), and the latest
+  logged host values (``logged``, JSON: what callbacks see as ``ctx.metrics``, so e.g. a
+  checkpoint name or an epoch-end check right after a resume sees the same values);
+- ``"callbacks"``: each callback's non-empty ``state_dict()`` as JSON, under its
+  ``state_key``.
+
+Because the data order is a pure function of (seed, epoch) and every random number a step
+draws comes from the state, restoring all of this continues a run at the exact batch: the
+resumed run ends with the same bits as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .callbacks.base import Callback
+from .callbacks.early_stopping import decode_float, encode_float
+from .checkpoint import load, save
+from .loop import FitError, Position
+from .state import TrainState
+
+__all__ = ["pack", "save_run", "restore_run", "data_seed"]
+
+_log = logging.getLogger("lightfn.fit")
+_RESERVED = ("loop", "callbacks")
+
+
+def data_seed(data: Any) -> str:
+    """The data order seed of an ``lf.data.ArrayLoader`` (as a string), else ``""``."""
+    from .data import ArrayLoader
+
+    return str(data.seed) if isinstance(data, ArrayLoader) else ""
+
+
+def _state_fields(state: Any) -> dict[str, Any]:
+    if isinstance(state, TrainState):
+        return {f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState)}
+    if isinstance(state, dict) and all(isinstance(k, str) for k in state):
+        clash = [k for k in _RESERVED if k in state]
+        if clash:
+            raise FitError(f"the state dict has a key {clash[0]!r}, which fit checkpoints reserve; rename it")
+        return dict(state)
+    return {"state": state}
+
+
+def _unpack_state(like: Any, saved: Mapping[str, Any]) -> Any:
+    if isinstance(like, TrainState):
+        return like.replace(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
+    if isinstance(like, dict) and all(isinstance(k, str) for k in like):
+        return {k: saved[k] for k in like}
+    return saved["state"]
+
+
+def pack(
+    state: Any,
+    pos: Position,
+    acc: torch.Tensor | None,
+    names: Sequence[str] | None,
+    callbacks: Sequence[Callback],
+    seed: str,
+    elapsed: float,
+    logged: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """The whole loop as one pytree (layout in the module docstring).
+
+    At an epoch's end (``pos.epoch_done``) the position is the start of the next epoch, so
+    a resumed run does not process that epoch's end twice.
+    """
+    epoch, batch = (pos.epoch + 1, 0) if pos.epoch_done else (pos.epoch, pos.batch)
+    if acc is not None and pos.epoch_done:
+        acc = torch.zeros_like(acc)
+    loop = {
+        "epoch": epoch,
+        "batch": batch,
+        "step": pos.step,
+        "last_val_step": pos.last_val_step,
+        "stop_requested": pos.stop_requested,
+        "elapsed": float(pos.elapsed + elapsed),
+        "data_seed": seed,
+        "metrics": json.dumps(list(names or ())),
+        "logged": json.dumps({k: encode_float(float(v)) for k, v in (logged or {}).items()}),
+        "acc": acc,
+    }
+    # Only callbacks with bookkeeping are stored (a progress bar has none to carry over).
+    states = {cb.state_key: cb.state_dict() for cb in callbacks}
+    return {**_state_fields(state), "loop": loop, "callbacks": {k: json.dumps(v) for k, v in states.items() if v}}
+
+
+def save_run(path: str | os.PathLike[str], tree: dict[str, Any]) -> Path:
+    """Write a packed loop atomically."""
+    return save(path, tree, metadata={"written_by": "lightfn.fit"})
+
+
+def restore_run(
+    path: str | os.PathLike[str],
+    state: Any,
+    callbacks: Sequence[Callback],
+    seed: str,
+) -> tuple[Any, Position, torch.Tensor | None, tuple[str, ...], dict[str, float]]:
+    """``(state, position, acc, metric_names, logged)`` from a fit checkpoint; loads callback states.
+
+    ``state`` is the template: the result has its structure, dtypes and devices, and any
+    mismatch is refused naming each differing path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FitError(f"resume_from={str(path)!r}: no such checkpoint file")
+    loop = load(path, subtree="loop")
+    saved_cbs = load(path, subtree="callbacks")
+    acc = loop["acc"]
+    device = next((x.device for x in _tensors(state)), torch.device("cpu"))
+    template = pack(state, Position(), None if acc is None else torch.zeros_like(acc, device=device), None, [], "", 0.0)
+    template["loop"] = {**template["loop"], "data_seed": "", "metrics": "", "logged": ""}
+    template["callbacks"] = {k: "" for k in saved_cbs}
+    ckpt = load(path, like=template)
+    loop = ckpt["loop"]
+    if loop["data_seed"] != seed:
+        raise FitError(
+            f"{path} was written by a run whose training data order seed is {loop['data_seed'] or 'none'!s}, but "
+            f"this train_data's is {seed or 'none'!s}; build the ArrayLoader with seed={loop['data_seed']} to "
+            "resume exactly"
+        )
+    for cb in callbacks:
+        if cb.state_key in ckpt["callbacks"]:
+            cb.load_state_dict(json.loads(ckpt["callbacks"][cb.state_key]))
+    unused = set(ckpt["callbacks"]) - {cb.state_key for cb in callbacks}
+    if unused:
+        _log.warning("resume: %s holds state of callbacks not passed to this fit: %s", path, sorted(unused))
+    pos = Position(
+        epoch=loop["epoch"],
+        batch=loop["batch"],
+        step=loop["step"],
+        last_val_step=loop["last_val_step"],
+        stop_requested=loop["stop_requested"],
+        elapsed=loop["elapsed"],
+    )
+    logged = {k: decode_float(v) for k, v in json.loads(loop["logged"]).items()}
+    return _unpack_state(state, ckpt), pos, loop["acc"], tuple(json.loads(loop["metrics"])), logged
+
+
+def _tensors(tree_: Any) -> list[torch.Tensor]:
+    from . import tree
+
+    return [x for x in tree.leaves(tree_) if isinstance(x, torch.Tensor)]

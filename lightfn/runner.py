@@ -1,0 +1,242 @@
+"""Run a train or eval step and accumulate its metrics on the device, compiled together.
+
+``lf.fit`` never copies a metric to the host after a step. Each step's metrics are added,
+weighted by the batch size, into one small device vector ``acc = [sum_1, ..., sum_M, n]``
+(sums of ``metric * batch_size`` and the total number of samples), so an epoch mean over a
+ragged last batch is exact; the loop copies values to the host only at log points, all in
+one transfer (:func:`to_host`).
+
+When fit compiles, the step and the accumulation are ONE graph:
+``lf.jit(train_and_accumulate, donate=True)`` with
+``train_and_accumulate(state, acc, batch) -> (state, acc, metrics)``. The accumulator's
+layout (the metric names) must be known before that graph's first call, so the runner
+first evaluates the step *abstractly* under ``FakeTensorMode`` on the first batch: shapes
+and dtypes only, no computation, no side effect on the state, and the same tracing
+machinery ``torch.compile`` uses next, so a step it accepts compiles. Without compilation
+(``jit=False``) or for a step the user already wrapped in ``lf.jit``, the step runs as
+given and its metrics are accumulated after it with one fused in-place add.
+
+The first outputs are checked (a ``(state, metrics)`` pair, the state's structure, shapes
+and dtypes unchanged, every metric a scalar tensor), so a wrong step fails here with the
+offending path or metric named, not deep inside the loop.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from . import tree
+from .errors import CompileError, LightfnError, StepError, TreeError
+from .transforms import Jitted, jit
+
+__all__ = ["TrainRunner", "EvalRunner", "batch_size", "means", "to_host"]
+
+
+def batch_size(batch: Any) -> int:
+    """The leading dimension of the batch's first tensor leaf (1 if it has none).
+
+    A host int from the shape: no device sync. Inside a compiled graph it is the
+    (dynamic) batch dimension, so a short last batch reuses the graph.
+    """
+    for x in tree.leaves(batch):
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return x.shape[0]
+    return 1
+
+
+def _vector(metrics: Mapping[str, torch.Tensor], names: tuple[str, ...], acc: torch.Tensor) -> torch.Tensor:
+    values = [metrics[k].detach().reshape(()).to(acc.dtype) for k in names]
+    return torch.stack([*values, acc.new_ones(())])
+
+
+def accumulate(acc: torch.Tensor, metrics: Mapping[str, torch.Tensor], names: tuple[str, ...], n: Any) -> torch.Tensor:
+    """``acc + [m_1, ..., m_M, 1] * n`` (pure; traced into the step's graph)."""
+    return acc + _vector(metrics, names, acc) * n
+
+
+def means(acc: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The weighted means in ``acc``, still on the device."""
+    avg = acc[:-1] / acc[-1]
+    return {k: avg[i] for i, k in enumerate(names)}
+
+
+def to_host(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Copy scalar tensors to Python floats in ONE device-to-host transfer."""
+    if not values:
+        return {}
+    stacked = torch.stack([v.detach().reshape(()).float().to(next(iter(values.values())).device) for v in values.values()])
+    return dict(zip(values.keys(), stacked.tolist()))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+    if isinstance(x, tuple):
+        return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
+    return f"a {type(x).__name__}"
+
+
+def check_metrics(metrics: Any, who: str) -> tuple[str, ...]:
+    """The metric names, after checking ``metrics`` is a dict of scalar real tensors."""
+    if not isinstance(metrics, Mapping):
+        raise StepError(f"the {who} must return its metrics as a dict of scalar tensors, got {_describe(metrics)}")
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise StepError(f"the {who} returned a metric named {name!r}; metric names must be strings")
+        if not isinstance(value, torch.Tensor):
+            raise StepError(
+                f"metric {name!r} of the {who} is {_describe(value)}, not a tensor; return a 0-d tensor "
+                "(a Python number would force a host sync or be baked into the compiled graph)"
+            )
+        if value.numel() != 1 or value.is_complex():
+            raise StepError(
+                f"metric {name!r} of the {who} is {_describe(value)}; metrics must be real scalars: reduce it "
+                "(e.g. .mean()) before returning it"
+            )
+    return tuple(metrics)
+
+
+def check_train_output(out: Any, state: Any) -> tuple[Any, tuple[str, ...]]:
+    """``(new_state, names)`` after checking a train step's return value against ``state``."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise StepError(f"the train step must return (new_state, metrics_dict), got {_describe(out)}")
+    new_state, metrics = out
+    try:
+        tree.assert_same_structure(state, new_state, what="the state returned by the train step", check_shapes=True)
+    except TreeError as e:
+        raise StepError(
+            f"{e}\nA train step must return a state with the same structure, shapes and dtypes as the one it got "
+            "(use state.replace(...) to change values)."
+        ) from None
+    return new_state, check_metrics(metrics, "train step")
+
+
+def abstract_eval(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on fake tensors: output shapes and dtypes, no computation or side effect."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # Real tensors captured by the step (constants, masks) are allowed as they are.
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = tree.map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, args)
+    try:
+        with mode:
+            return fn(*fake)
+    except LightfnError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported with what to do about it
+        raise CompileError(
+            f"fit could not trace {getattr(fn, '__qualname__', fn)!s} to compile it: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}\n  A compiled step must be pure tensor code "
+            "(no .item(), no Python branching on tensor values). Pass jit=False to fit to run it eagerly."
+        ) from e
+
+
+def _check_acc(acc: torch.Tensor | None, names: tuple[str, ...], expected: tuple[str, ...] | None, device: torch.device) -> torch.Tensor:
+    if expected is not None and names != expected:
+        raise StepError(
+            f"the checkpoint's metric sums are for metrics {list(expected)}, but this train step returns "
+            f"{list(names)}; resume with the step that wrote the checkpoint"
+        )
+    if acc is None:
+        return torch.zeros(len(names) + 1, dtype=torch.float32, device=device)
+    return acc
+
+
+def _device_of(x: Any) -> torch.device:
+    lvs = [v for v in tree.leaves(x) if isinstance(v, torch.Tensor)]
+    return lvs[0].device if lvs else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+class TrainRunner:
+    """``runner(state, acc, batch) -> (state, acc, metrics)``: one train step plus accumulation.
+
+    ``acc`` is ``None`` before the first step of a fresh run (it is created once the metric
+    names are known). With ``compile=True`` (and a step not already ``lf.jit``-ed) the step
+    and the accumulation run as one donated graph: the state passed in is overwritten.
+    """
+
+    def __init__(self, step: Callable[..., Any], *, compile: bool, expected_names: tuple[str, ...] | None = None) -> None:
+        self.step = step
+        self.fused = compile and not isinstance(step, Jitted)
+        self.names: tuple[str, ...] | None = None
+        self.expected_names = expected_names
+        self._compiled: Jitted | None = None
+
+    @property
+    def acc_names(self) -> tuple[str, ...] | None:
+        """The metric names ``acc`` holds: known after the first step, or from the checkpoint
+        a run resumed from (one resumed at an epoch's end may close it before any step)."""
+        return self.names if self.names is not None else self.expected_names
+
+    def __call__(self, state: Any, acc: torch.Tensor | None, batch: Any) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+        if self.names is None:
+            return self._first(state, acc, batch)
+        if self._compiled is not None:
+            return self._compiled(state, acc, batch)
+        new_state, metrics = self.step(state, batch)
+        acc.add_(_vector(metrics, self.names, acc), alpha=batch_size(batch))
+        return new_state, acc, metrics
+
+    def _first(self, state: Any, acc: torch.Tensor | None, batch: Any) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+        if self.fused:
+            _, self.names = check_train_output(abstract_eval(self.step, state, batch), state)
+            acc = _check_acc(acc, self.names, self.expected_names, _device_of(state))
+            self._compiled = jit(functools.partial(_train_and_accumulate, self.step, self.names), donate=True)
+            return self._compiled(state, acc, batch)
+        out = self.step(state, batch)
+        new_state, names = check_train_output(out, state)
+        acc = _check_acc(acc, names, self.expected_names, _device_of(new_state))
+        self.names = names
+        acc.add_(_vector(out[1], names, acc), alpha=batch_size(batch))
+        return new_state, acc, out[1]
+
+
+def _train_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: torch.Tensor, batch: Any) -> Any:
+    new_state, metrics = step(state, batch)
+    return new_state, accumulate(acc, metrics, names, batch_size(batch)), metrics
+
+
+class EvalRunner:
+    """``runner(state, acc, batch) -> acc``: one eval step plus accumulation, without gradients."""
+
+    def __init__(self, step: Callable[..., Any], *, compile: bool) -> None:
+        self.step = step
+        self.fused = compile and not isinstance(step, Jitted)
+        self.names: tuple[str, ...] | None = None
+        self._compiled: Jitted | None = None
+
+    def __call__(self, state: Any, acc: torch.Tensor | None, batch: Any) -> torch.Tensor:
+        with torch.no_grad():
+            if self.names is None:
+                return self._first(state, acc, batch)
+            if acc is None:  # a new validation run
+                acc = _check_acc(None, self.names, None, _device_of(state))
+            if self._compiled is not None:
+                return self._compiled(state, acc, batch)
+            acc.add_(_vector(self.step(state, batch), self.names, acc), alpha=batch_size(batch))
+            return acc
+
+    def _first(self, state: Any, acc: torch.Tensor | None, batch: Any) -> torch.Tensor:
+        if self.fused:
+            self.names = check_metrics(abstract_eval(self.step, state, batch), "eval step")
+            self._compiled = jit(functools.partial(_eval_and_accumulate, self.step, self.names))
+            return self._compiled(state, _check_acc(acc, self.names, None, _device_of(state)), batch)
+        metrics = self.step(state, batch)
+        self.names = check_metrics(metrics, "eval step")
+        acc = _check_acc(acc, self.names, None, _device_of(state))
+        acc.add_(_vector(metrics, self.names, acc), alpha=batch_size(batch))
+        return acc
+
+
+def _eval_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: torch.Tensor, batch: Any) -> torch.Tensor:
+    return accumulate(acc, step(state, batch), names, batch_size(batch))
