@@ -1,0 +1,294 @@
+"""Sharded checkpoints: one safetensors file per rank plus a JSON index; reshardable.
+
+``save_sharded(dirpath, state, mesh)`` has every rank write its own part of a
+:func:`~lightfn.distributed.shard_state` state (its slice of the params and of the
+optimizer moments, plus the small replicated leaves) as an ordinary lightfn checkpoint,
+``<tag>-shard-<rank>-of-<world>.safetensors``; then rank 0 writes ``index.json``:
+
+.. code-block:: json
+
+    {"format": "lightfn.sharded", "version": 1, "world_size": 2,
+     "files": ["3f9a...-shard-00000-of-00002.safetensors", "..."],
+     "sharded": {"['params']": {"paths": [...], "shapes": [...], "dtype": "float32",
+                               "total": 50890, "world_size": 2, "shard_size": 25445, "padding": 0}},
+     "metadata": {...}}
+
+``"sharded"`` names, for each sharded subtree (params, each optimizer moment), the params'
+paths and shapes in flatten order and how the flat vector was padded and cut, so
+:func:`load_sharded` can rebuild the full flat vectors from the files and cut them again
+for a different world size (2 ranks -> 1, 1 -> 2...), exactly. Each rank reads only the
+files whose slices overlap its own.
+
+Crash safety: every save uses fresh file names (a tag agreed by all ranks) and the index is
+replaced atomically only after every rank has written, so a crash mid-save leaves the
+previous checkpoint complete. Files no index refers to are then deleted.
+
+``gather=True`` instead writes one ordinary ``lf.save`` file of the unsharded state from
+rank 0 (for small models, or to hand the weights to single-process tools).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import tree
+from ..checkpoint import load, save
+from ..errors import CheckpointError
+from ..state import TrainState
+from .fully_sharded import ShardedParams, unshard_tree
+from .mesh import Mesh, barrier, guard
+
+__all__ = ["save_sharded", "load_sharded", "read_index", "full_template", "cut_full", "INDEX_NAME"]
+
+INDEX_NAME = "index.json"
+_FORMAT = "lightfn.sharded"
+_VERSION = 1
+_SHARD_FILE = re.compile(r"[0-9a-f]+-shard-\d{5}-of-\d{5}\.safetensors")
+
+
+def _is_sharded(x: Any) -> bool:
+    return isinstance(x, ShardedParams)
+
+
+def _sharded_nodes(state: Any) -> list[tuple[str, ShardedParams]]:
+    return [(tree.keystr(p), x) for p, x in tree.leaves_with_path(state, is_leaf=_is_sharded) if _is_sharded(x)]
+
+
+def _agreed_tag(mesh: Mesh) -> str:
+    # Rank 0 draws the tag; the others receive it, so all files of one save share it.
+    value = torch.tensor([secrets.randbits(62) if mesh.is_main else 0], dtype=torch.int64, device=mesh.device)
+    if mesh.distributed:
+        with guard(mesh, "agreeing on checkpoint file names"):
+            dist.broadcast(value, src=0, group=mesh.group)
+    return f"{int(value.item()):016x}"
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_sharded(
+    dirpath: str | os.PathLike[str],
+    state: Any,
+    mesh: Mesh,
+    *,
+    gather: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save a sharded ``state``; call it on every rank (it synchronizes them).
+
+    ``state`` is a :func:`~lightfn.distributed.shard_state` TrainState or any pytree holding
+    :class:`ShardedParams` (``lf.fit`` saves its whole loop this way).
+    Without ``gather``: ``dirpath`` is a folder receiving one file per rank and
+    ``index.json``; returns the index path. With ``gather=True``: the state is unsharded
+    (a collective) and rank 0 writes it to the single file ``dirpath`` with ``lf.save``,
+    readable by ``lf.load(dirpath, like=unsharded_state)`` anywhere; returns that path.
+    """
+    target = Path(os.fspath(dirpath))
+    if gather:
+        full = unshard_tree(state, mesh)
+        if mesh.is_main:
+            save(target, full, metadata=metadata)
+        barrier(mesh)
+        return target
+    nodes = _sharded_nodes(state)
+    if not nodes:
+        raise CheckpointError(
+            "save_sharded got a state without sharded params: shard it with lf.distributed.shard_state(state, mesh), "
+            "or write a replicated state with lf.save"
+        )
+    for key, node in nodes:
+        if node.layout.world_size != mesh.world_size:
+            raise CheckpointError(f"state{key} is sharded for {node.layout.world_size} ranks but the mesh has {mesh.world_size}")
+    tag = _agreed_tag(mesh)
+    names = [f"{tag}-shard-{r:05d}-of-{mesh.world_size:05d}.safetensors" for r in range(mesh.world_size)]
+    target.mkdir(parents=True, exist_ok=True)
+    save(target / names[mesh.rank], state, metadata=metadata)
+    barrier(mesh)  # every shard is on disk before the index points at them
+    index = target / INDEX_NAME
+    if mesh.is_main:
+        _write_json_atomic(
+            index,
+            {
+                "format": _FORMAT,
+                "version": _VERSION,
+                "world_size": mesh.world_size,
+                "files": names,
+                "sharded": {key: node.layout.describe() for key, node in nodes},
+                "metadata": dict(metadata or {}),
+            },
+        )
+        for entry in os.scandir(target):
+            if _SHARD_FILE.fullmatch(entry.name) and entry.name not in names:
+                Path(entry.path).unlink(missing_ok=True)
+    barrier(mesh)
+    return index
+
+
+def read_index(folder: Path) -> dict[str, Any]:
+    """The checked ``index.json`` of a sharded checkpoint folder."""
+    path = folder / INDEX_NAME
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no {INDEX_NAME}; not a sharded checkpoint (or its save did not finish)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable index ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != _FORMAT or index.get("version") != _VERSION:
+        raise CheckpointError(f"{path}: not a lightfn sharded checkpoint index (format {index.get('format')!r})")
+    files = index.get("files")
+    if not isinstance(files, list) or len(files) != index.get("world_size") or not all(_SHARD_FILE.fullmatch(str(f)) for f in files):
+        raise CheckpointError(f"{path}: the index's file list does not match its world size")
+    return index
+
+
+def _check_layout(folder: Path, key: str, saved: Any, node: ShardedParams) -> None:
+    want = node.layout.describe()
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{folder}: the checkpoint has no sharded subtree state{key}, which the template has")
+    if saved.get("dtype") != want["dtype"]:
+        raise CheckpointError(f"{folder}: state{key} was saved as {saved.get('dtype')}, the template is {want['dtype']}")
+    s_paths, s_shapes = saved.get("paths", []), saved.get("shapes", [])
+    for i, (p, s) in enumerate(zip(want["paths"], want["shapes"])):
+        if i >= len(s_paths) or s_paths[i] != p:
+            got = s_paths[i] if i < len(s_paths) else "nothing"
+            raise CheckpointError(f"{folder}: state{key}: leaf {i} is params{got} in the checkpoint but params{p} in the template")
+        if s_shapes[i] != s:
+            raise CheckpointError(f"{folder}: params{p}: checkpoint shape {tuple(s_shapes[i])}, template shape {tuple(s)}")
+    if len(s_paths) != len(want["paths"]):
+        raise CheckpointError(f"{folder}: state{key}: the checkpoint has an extra leaf params{s_paths[len(want['paths'])]}")
+
+
+def load_sharded(
+    path: str | os.PathLike[str],
+    like: TrainState,
+    mesh: Mesh,
+    *,
+    device: torch.device | str | None = None,
+) -> TrainState:
+    """Restore a sharded checkpoint for ``mesh``, whatever world size saved it.
+
+    ``like`` is a sharded state for this mesh (``shard_state(fresh_state, mesh)``); it gives
+    the structure, the layout and the devices. ``path`` is a folder from
+    :func:`save_sharded` or a single file written with ``gather=True``. Every tensor comes
+    back bit-exact: the full flat vectors are reassembled from the saved slices and cut for
+    this mesh's world size.
+    """
+    folder = Path(os.fspath(path))
+    nodes = _sharded_nodes(like)
+    if not nodes:
+        raise CheckpointError("load_sharded needs a sharded template: like = lf.distributed.shard_state(state, mesh)")
+    for key, node in nodes:
+        if node.layout.world_size != mesh.world_size:
+            raise CheckpointError(f"like{key} is sharded for {node.layout.world_size} ranks but the mesh has {mesh.world_size}")
+    if folder.is_file():
+        return _load_gathered(folder, like, mesh, device)
+    index = read_index(folder)
+    old_world = int(index["world_size"])
+    for key, node in nodes:
+        _check_layout(folder, key, index["sharded"].get(key), node)
+    old_like = tree.map(
+        lambda x: ShardedParams(
+            shard=torch.empty(x.layout.with_world_size(old_world).shard_size, dtype=x.shard.dtype, device="meta"),
+            layout=x.layout.with_world_size(old_world),
+        )
+        if _is_sharded(x)
+        else x,
+        like,
+        is_leaf=_is_sharded,
+    )
+    # This rank's new slice, and the old files that hold part of it.
+    new_size = nodes[0][1].layout.shard_size
+    total = nodes[0][1].layout.total
+    old_size = nodes[0][1].layout.with_world_size(old_world).shard_size
+    lo, hi = mesh.rank * new_size, min((mesh.rank + 1) * new_size, total)
+    wanted = {0} | {i for i in range(old_world) if i * old_size < hi and (i + 1) * old_size > lo}
+    out = {key: torch.zeros(new_size, dtype=node.shard.dtype) for key, node in nodes}
+    replicated = None
+    for i in sorted(wanted):
+        part = load(folder / index["files"][i], like=old_like, device="cpu")
+        if i == 0:
+            replicated = part
+        a, b = max(lo, i * old_size), min(hi, (i + 1) * old_size)
+        if a >= b:
+            continue
+        for key, node in _sharded_nodes(part):
+            out[key][a - lo : b - lo] = node.shard[a - i * old_size : b - i * old_size]
+    assert replicated is not None
+    shards = dict(_sharded_nodes(like))
+
+    def place(p: Any, x: Any, old: Any) -> Any:
+        if _is_sharded(x):
+            key = tree.keystr(p)
+            dev = device if device is not None else x.shard.device
+            return ShardedParams(shard=out[key].to(dev), layout=shards[key].layout)
+        if isinstance(x, torch.Tensor):
+            return old.to(device if device is not None else x.device)
+        return old
+
+    return tree.map_with_path(place, like, replicated, is_leaf=_is_sharded)
+
+
+def full_template(like: Any) -> Any:
+    """``like`` with every :class:`ShardedParams` replaced by a zero params pytree of the
+    full shapes: the template to load a gathered (unsharded) checkpoint into."""
+
+    def full(x: Any) -> Any:
+        if _is_sharded(x):
+            zeros = torch.zeros(x.layout.padded, dtype=x.shard.dtype, device=x.shard.device)
+            return tree.map(lambda v: v.clone(), x.layout.unflatten(zeros))
+        return x
+
+    return tree.map(full, like, is_leaf=_is_sharded)
+
+
+def cut_full(full: Any, like: Any, mesh: Mesh, device: torch.device | str | None = None) -> Any:
+    """This rank's sharded form of ``full`` (an unsharded tree shaped like
+    :func:`full_template` ``(like)``), cut like ``like``; no collective: every rank holds ``full``."""
+
+    def one(x: Any, f: Any) -> Any:
+        if not _is_sharded(x):
+            return f
+        flat = x.layout.with_world_size(1).flatten([v.to(x.layout.dtype) for v in tree.leaves(f)])
+        return ShardedParams(shard=flat, layout=x.layout.with_world_size(1))
+
+    single = tree.map(one, like, full, is_leaf=_is_sharded)
+    return _recut(single, like, mesh, device)
+
+
+def _load_gathered(file: Path, like: TrainState, mesh: Mesh, device: torch.device | str | None) -> TrainState:
+    """A ``gather=True`` checkpoint: load the full state on every rank, then cut this rank's slice."""
+    full = load(file, like=full_template(like), device=device or "cpu")
+    return cut_full(full, like, mesh, device)
+
+
+def _recut(single: Any, like: Any, mesh: Mesh, device: torch.device | str | None) -> TrainState:
+    def place(x: Any, one: Any) -> Any:
+        if _is_sharded(x):
+            lo = mesh.rank * x.layout.shard_size
+            flat = torch.nn.functional.pad(one.shard[: x.layout.total], (0, x.layout.padded - x.layout.total))
+            dev = device if device is not None else x.shard.device
+            return ShardedParams(shard=flat[lo : lo + x.layout.shard_size].clone().to(dev), layout=x.layout)
+        if isinstance(x, torch.Tensor):
+            return one.to(device if device is not None else x.device)
+        return one
+
+    return tree.map(place, like, single, is_leaf=_is_sharded)

@@ -1,0 +1,389 @@
+"""What ``lf.fit(..., strategy="ddp" | "fsdp")`` changes, in one object fit consults.
+
+``fit`` stays a single-process loop; :func:`setup_strategy` returns a :class:`Spread` that
+tells it, at the few places where processes matter:
+
+- the step and state: ``"ddp"`` wraps an ``lf.train_step`` with :func:`data_parallel` and
+  broadcasts rank 0's state; ``"fsdp"`` wraps it with :func:`fully_sharded` and shards the
+  state (:func:`shard_state`); the eval step is wrapped to match (rank-folded RNG; for fsdp,
+  params all-gathered inside it). A step already wrapped by ``data_parallel`` /
+  ``fully_sharded`` (``lf.jit``-ed or not) is recognised and used as it is.
+- the data: each rank gets its rows of every global batch (:meth:`ArrayLoader.shard`, or
+  the rows of each batch of a DataLoader / list; a DataLoader whose sampler is a
+  ``DistributedSampler`` is already per rank and kept), so every sample is seen once per
+  epoch and one process sees exactly the single-process batches.
+- metrics: per-rank until a log point, then averaged (step values) or summed (the epoch
+  and validation accumulators ``[sum_1..sum_M, n]``, so means stay exactly weighted).
+- checkpoints: ``"ddp"`` writes from rank 0 only; ``"fsdp"`` writes each checkpoint path as
+  a folder of per-rank safetensors files plus ``index.json`` (:func:`save_sharded`), or,
+  with ``Strategy("fsdp", gather_checkpoints=True)``, as one ordinary fit checkpoint file
+  written by rank 0. ``resume_from`` reads either kind. The metric sums are reduced before a
+  save so a resumed run's epoch means cover every rank.
+- the result: a state fit sharded is gathered again before fit returns it.
+
+Every rank takes the same decisions because the metrics they decide on are reduced first
+and fit OR-s stop flags over ranks each step (:func:`lightfn.loop.agree`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+from .. import tree
+from ..callbacks.base import Callback
+from ..callbacks.checkpoint import ModelCheckpoint
+from ..data import ArrayLoader, num_batches
+from ..errors import DistributedError
+from ..loop import FitError, is_main
+from ..resume import restore_run, save_run
+from ..state import TrainState
+from ..step import EvalStep, TrainStep
+from ..transforms import Jitted
+from .collectives import all_gather_flat
+from .data_parallel import RankFoldedLoss, _AverageGrads, data_parallel, reduce_metrics, replicate_state
+from .fully_sharded import FullyShardedStep, ShardedParams, fully_sharded, shard_state, unshard_state
+from .mesh import Mesh, guard, init, require_launched, single_process_mesh
+from .sharded_checkpoint import INDEX_NAME, cut_full, full_template, read_index, save_sharded
+
+__all__ = ["Strategy", "Spread", "RankBatches", "setup_strategy"]
+
+_log = logging.getLogger("lightfn.fit")
+_NAMES = ("ddp", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Strategy:
+    """How ``lf.fit`` maps the step over the processes torchrun started.
+
+    Fields:
+        name: ``"ddp"`` (replicated params, gradients averaged) or ``"fsdp"`` (ZeRO-3
+            shards of params and optimizer state).
+        gather_checkpoints: fsdp only: write each checkpoint as one ordinary fit checkpoint
+            file from rank 0 (all-gathered; for small models, or to load it in one process)
+            instead of a folder of per-rank files.
+        timeout: seconds a collective waits for the other ranks before fit fails with a
+            :class:`~lightfn.errors.DistributedError` (a rank died or stalled).
+
+    ``fit(strategy="fsdp")`` is ``fit(strategy=Strategy(name="fsdp"))``.
+    """
+
+    name: str
+    gather_checkpoints: bool = False
+    timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.name not in _NAMES:
+            raise FitError(f"strategy name must be one of {_NAMES}, got {self.name!r}")
+        if self.gather_checkpoints and self.name != "fsdp":
+            raise FitError("gather_checkpoints applies to strategy 'fsdp' (ddp checkpoints are always one file)")
+
+
+def _wrapped_kind(step: Any) -> str | None:
+    inner = step.fn if isinstance(step, Jitted) else step
+    if isinstance(inner, FullyShardedStep):
+        return "fsdp"
+    if isinstance(inner, TrainStep) and isinstance(inner.grad_transform, _AverageGrads):
+        return "ddp"
+    return None
+
+
+def _resolve(strategy: str | Strategy | None, step: Any) -> Strategy | None:
+    if isinstance(strategy, str):
+        strategy = Strategy(name=strategy)
+    elif strategy is not None and not isinstance(strategy, Strategy):
+        raise FitError(f"strategy must be None, 'ddp', 'fsdp' or an lf.distributed.Strategy, got {type(strategy).__name__}")
+    wrapped = _wrapped_kind(step)
+    if wrapped is None:
+        return strategy
+    if strategy is not None and strategy.name != wrapped:
+        raise FitError(
+            f"strategy={strategy.name!r}, but the step is already wrapped for {wrapped!r}; pass the plain "
+            "lf.train_step with strategy=..., or the wrapped step without it"
+        )
+    return strategy or Strategy(name=wrapped)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatheredEval:
+    """An eval step for a fully sharded state: all-gathers the params shard (inside the
+    traced function, so a compiled eval is still one graph) and calls ``eval_step`` on the
+    state with full params."""
+
+    eval_step: Any
+    world_size: int
+    group_name: str | None
+
+    def __call__(self, state: Any, batch: Any) -> Any:
+        sp = state.params
+        full = all_gather_flat(sp.shard, self.world_size, self.group_name) if self.world_size > 1 else sp.shard
+        return self.eval_step(state.replace(params=sp.layout.unflatten(full)), batch)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _split_rows(batch: Any, rank: int, world: int, what: str) -> Any:
+    """This rank's rows of a global batch, split as evenly as ``ArrayLoader.shard`` does."""
+    sizes = {x.shape[0] for x in tree.leaves(batch) if isinstance(x, torch.Tensor) and x.dim()}
+    if not sizes:
+        raise DistributedError(f"a batch of {what} has no tensor with a batch dimension to split over the ranks")
+    if len(sizes) != 1:
+        raise DistributedError(f"a batch of {what} has tensor leaves with different leading sizes {sorted(sizes)}")
+    (n,) = sizes
+    if n < world:
+        raise DistributedError(
+            f"a batch of {what} has {n} rows, fewer than the {world} ranks, so a rank would get none; use "
+            "drop_last=True or a batch size that is a multiple of the world size"
+        )
+    q, rem = divmod(n, world)
+    lo = rank * q + min(rank, rem)
+    rows = q + (1 if rank < rem else 0)
+    return tree.map(lambda x: x.narrow(0, lo, rows) if isinstance(x, torch.Tensor) and x.dim() else x, batch)
+
+
+class RankBatches:
+    """``data`` (a DataLoader or any re-iterable of global batches) cut to this rank's rows.
+
+    Every rank loads the whole global batch and keeps its rows: the simplest exact sharding
+    of an arbitrary source. The source must yield the same batches on every rank (no
+    shuffle, or a generator seeded the same way on every rank); for large datasets give
+    the DataLoader a ``DistributedSampler`` instead, which fit then uses as it is.
+    """
+
+    def __init__(self, data: Any, rank: int, world_size: int, what: str) -> None:
+        self.data, self.rank, self.world_size, self.what = data, rank, world_size, what
+
+    def __len__(self) -> int:
+        n = num_batches(self.data)
+        if n is None:
+            raise TypeError(f"{type(self.data).__name__} has no len()")
+        return n
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.data:
+            yield _split_rows(batch, self.rank, self.world_size, self.what)
+
+
+def _has_distributed_sampler(data: DataLoader) -> bool:
+    samplers = [data.sampler, data.batch_sampler.sampler if isinstance(data.batch_sampler, BatchSampler) else None]
+    return any(isinstance(s, DistributedSampler) for s in samplers)
+
+
+# ----------------------------------------------------------------------------- the spread
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Spread:
+    """fit's view of the processes (see the module docstring); inactive for one process."""
+
+    mesh: Mesh
+    strategy: Strategy | None
+    step: Any
+    state: Any
+    eval_step: Any
+    sharded_by_fit: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.strategy is not None
+
+    @property
+    def fsdp(self) -> bool:
+        return self.strategy is not None and self.strategy.name == "fsdp"
+
+    @property
+    def main(self) -> bool:
+        """This process writes files: rank 0 of the mesh, or (no strategy) of any process
+        group the user set up for a hand-written distributed step."""
+        return self.mesh.is_main if self.active else is_main()
+
+    def device(self, device: torch.device) -> torch.device:
+        """The device fit places state and batches on: this rank's (e.g. ``cuda:<local rank>``)."""
+        if self.active and device.type == self.mesh.device.type:
+            return self.mesh.device
+        return device
+
+    def shard_data(self, data: Any, what: str) -> Any:
+        """This rank's part of ``data`` (unchanged for one process)."""
+        mesh = self.mesh
+        if data is None or not self.active or mesh.world_size == 1:
+            return data
+        if isinstance(data, ArrayLoader):
+            if data.world_size != 1:
+                if (data.rank, data.world_size) != (mesh.rank, mesh.world_size):
+                    raise FitError(
+                        f"{what} is shard {data.rank} of {data.world_size}, but this is rank {mesh.rank} of "
+                        f"{mesh.world_size}; pass the unsharded loader (fit shards it)"
+                    )
+                return data
+            ragged = data.num_samples % data.batch_size
+            if not data.drop_last and 0 < ragged < mesh.world_size:
+                raise FitError(
+                    f"{what}'s last batch has {ragged} rows, fewer than the {mesh.world_size} ranks, so a rank would "
+                    "get none; use drop_last=True or a dataset size that leaves at least one row per rank"
+                )
+            return data.shard(mesh.rank, mesh.world_size)
+        if isinstance(data, DataLoader) and _has_distributed_sampler(data):
+            return data  # already this rank's samples
+        return RankBatches(data, mesh.rank, mesh.world_size, what)
+
+    def mean(self, metrics: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """Step metrics averaged over ranks (a collective: at log points only)."""
+        if not self.mesh.distributed:
+            return metrics
+        return reduce_metrics(metrics, self.mesh)
+
+    def sum(self, acc: torch.Tensor) -> torch.Tensor:
+        """An accumulator ``[sum_1..sum_M, n]`` summed over ranks (a new tensor)."""
+        if not self.mesh.distributed:
+            return acc
+        out = acc.detach().clone()
+        with guard(self.mesh, "reducing metrics"):
+            dist.all_reduce(out, group=self.mesh.group)
+        return out
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str], packed: dict[str, Any], *, agreed: bool = True) -> None:
+        """Write a packed fit checkpoint (see :mod:`lightfn.resume`).
+
+        ``agreed``: every rank calls this for the same path now (all saves fit makes from
+        callback signals and on SIGTERM). A save from one rank alone (``on_exception``) is
+        written by rank 0 with its own metric sums, or skipped for a sharded state.
+        """
+        mesh = self.mesh
+        if not self.active:
+            if self.main:
+                save_run(path, packed)
+            return
+        if agreed and mesh.distributed and packed["loop"]["acc"] is not None:
+            packed = {**packed, "loop": {**packed["loop"], "acc": self.sum(packed["loop"]["acc"])}}
+        if not self.fsdp:
+            if mesh.is_main:
+                save_run(path, packed)
+            return
+        if not agreed:
+            if mesh.is_main:
+                _log.warning("not writing %s: a fully sharded checkpoint needs every rank, and this save is not", path)
+            return
+        save_sharded(path, packed, mesh, gather=self.strategy.gather_checkpoints, metadata={"written_by": "lightfn.fit"})
+
+    def restore(self, path: Path, state: Any, callbacks: Sequence[Callback], seed: str) -> tuple[Any, ...]:
+        """:func:`lightfn.resume.restore_run` for this strategy (same result tuple) from a
+        sharded folder, a gathered file, or a replicated file."""
+        mesh = self.mesh
+        if self.fsdp and path.is_dir():
+            index = read_index(path)
+            if index["world_size"] != mesh.world_size:
+                raise FitError(
+                    f"{path} was written by {index['world_size']} ranks and this run has {mesh.world_size}; resume a "
+                    "fit with the same number of ranks (lf.distributed.load_sharded reshards the state itself)"
+                )
+            state, pos, acc, *rest = restore_run(path / index["files"][mesh.rank], state, callbacks, seed)
+        elif self.fsdp:
+            full, pos, acc, *rest = restore_run(path, full_template(state), callbacks, seed)
+            state = cut_full(full, state, mesh)
+        else:
+            state, pos, acc, *rest = restore_run(path, state, callbacks, seed)
+        if acc is not None and self.active and mesh.rank != 0:
+            acc = torch.zeros_like(acc)  # the saved sums cover every rank: counted once, on rank 0
+        return (state, pos, acc, *rest)
+
+    def delete(self, path: str | os.PathLike[str]) -> None:
+        """Remove a checkpoint fit no longer keeps (rank 0; a sharded folder with its files)."""
+        if not self.main:
+            return
+        p = Path(path)
+        if p.is_dir():
+            if not (p / INDEX_NAME).is_file():
+                raise FitError(f"refusing to delete {p}: a folder that is not a sharded checkpoint")
+            for f in read_index(p)["files"]:
+                (p / f).unlink(missing_ok=True)
+            (p / INDEX_NAME).unlink()
+            with contextlib.suppress(OSError):  # something else lives there too: keep it
+                p.rmdir()
+            return
+        p.unlink(missing_ok=True)
+
+    # -- the run -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """A dead or stalled rank becomes a clear DistributedError after the timeout."""
+        with guard(self.mesh, "training"):
+            yield
+
+    def finish(self, state: Any) -> Any:
+        """The state fit returns: gathered again when fit sharded it (a collective)."""
+        return unshard_state(state, self.mesh) if self.sharded_by_fit else state
+
+
+def _check_callbacks(callbacks: Sequence[Callback], mesh: Mesh) -> None:
+    if not mesh.distributed:
+        return
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.train_time_interval is not None:
+            raise FitError(
+                "ModelCheckpoint(train_time_interval=...) decides from each rank's own clock, so ranks could disagree on "
+                "when to save; in a distributed fit use every_n_steps or every_n_epochs"
+            )
+
+
+def setup_strategy(
+    strategy: str | Strategy | None,
+    step: Any,
+    state: Any,
+    eval_step: Any,
+    callbacks: Sequence[Callback] = (),
+) -> Spread:
+    """Join torchrun's process group and wrap ``step``/``state``/``eval_step`` for ``strategy``.
+
+    ``None`` with a plain step gives an inactive :class:`Spread` (fit runs as one process).
+    Raises :class:`~lightfn.errors.DistributedError` with the torchrun command to use when a
+    strategy is asked for outside torchrun.
+    """
+    strategy = _resolve(strategy, step)
+    if strategy is None:
+        return Spread(mesh=single_process_mesh("cpu"), strategy=None, step=step, state=state, eval_step=eval_step)
+    require_launched(f"fit(strategy={strategy.name!r})")
+    mesh = init(timeout=strategy.timeout)
+    _check_callbacks(callbacks, mesh)
+    wrapped = _wrapped_kind(step) is not None
+    if eval_step is not None and isinstance(eval_step, EvalStep) and not isinstance(eval_step.loss_fn, RankFoldedLoss):
+        eval_step = data_parallel(eval_step, mesh)
+    sharded_by_fit = False
+    if strategy.name == "ddp":
+        step = step if wrapped else data_parallel(_train_step(step, "ddp"), mesh)
+        state = replicate_state(state, mesh)
+    else:
+        step = step if wrapped else fully_sharded(_train_step(step, "fsdp"), mesh)
+        if not (isinstance(state, TrainState) and isinstance(state.params, ShardedParams)):
+            state, sharded_by_fit = shard_state(state, mesh), True
+        if eval_step is not None:
+            eval_step = GatheredEval(eval_step, mesh.world_size, mesh.group_name)
+    return Spread(mesh=mesh, strategy=strategy, step=step, state=state, eval_step=eval_step, sharded_by_fit=sharded_by_fit)
+
+
+def _train_step(step: Any, name: str) -> TrainStep:
+    if isinstance(step, Jitted):
+        raise FitError(
+            f"strategy={name!r} rewrites the lf.train_step, but this step is already compiled with lf.jit; pass the "
+            "lf.train_step itself (fit compiles it, collectives included)"
+        )
+    if not isinstance(step, TrainStep):
+        raise FitError(
+            f"strategy={name!r} rewrites an lf.train_step, and this step is a {type(step).__name__}. For a hand-written "
+            "step, call lf.distributed.all_reduce_mean(grads, mesh) inside it and train with your own loop, or build "
+            "it with lf.train_step"
+        )
+    return step
