@@ -261,6 +261,7 @@ def jit(
     disable: bool | None = None,
     backend: str = "inductor",
     options: dict[str, Any] | None = None,
+    guard_globals: bool = False,
 ) -> Any:
     """Compile ``fn`` whole with ``torch.compile`` and lightfn's defaults.
 
@@ -277,22 +278,39 @@ def jit(
             ``"max-autotune"``.
         fullgraph: refuse graph breaks (a break means a host round trip mid-step).
         disable: run eagerly (default: the ``LIGHTFN_DISABLE_JIT`` environment variable).
+        guard_globals: re-check, on every call, everything the function reached through
+            module globals (functions, modules, constants) and recompile if it changed.
+            Off by default, as in ``jax.jit``: what the function reads from globals is
+            fixed when it is first traced (pass changing values as arguments). The
+            arguments themselves (tensor shapes, dtypes, devices, pytree structure) and
+            closed-over values are always checked. The check costs ~0.5 ms per call on the
+            seed autoencoder's step (~2000 guards), a third of the step on a 2-core CPU.
 
     Usable as ``lf.jit(f)``, ``lf.jit(f, donate=True)`` or ``@lf.jit(donate=True)``.
     """
     if fn is None:
         return functools.partial(
             jit, donate=donate, dynamic_batch=dynamic_batch, batch_argnums=batch_argnums, mode=mode,
-            fullgraph=fullgraph, disable=disable, backend=backend, options=options,
+            fullgraph=fullgraph, disable=disable, backend=backend, options=options, guard_globals=guard_globals,
         )
     if isinstance(fn, Jitted):
         return fn
     compiled = not (jit_disabled() if disable is None else disable)
     kwargs: dict[str, Any] = {"fullgraph": fullgraph, "backend": backend, "dynamic": None if dynamic_batch else False}
+    opts = dict(options or {})
+    if not guard_globals:
+        if mode is not None and backend == "inductor":
+            # torch.compile takes a mode or options, not both: spell the mode as its options.
+            from torch._inductor import list_mode_options
+
+            opts = {**list_mode_options(mode), **opts}
+            mode = None
+        if mode is None:
+            opts["guard_filter_fn"] = torch.compiler.skip_guard_on_globals_unsafe
     if mode is not None:
         kwargs["mode"] = mode
-    if options:
-        kwargs["options"] = options
+    if opts:
+        kwargs["options"] = opts
     return Jitted(
         fn,
         donate=donate,

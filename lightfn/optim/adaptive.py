@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import tree as _tree
-from ._checks import OptimizerConfigError, StateMismatchError, check_match, check_params, check_state, scalar_dtype, zero_count
+from ._checks import OptimizerConfigError, StateMismatchError, check_match, check_params, check_state, once_per_step, scalar_dtype, zero_count
 from .base import GradientTransformation, PyTree
 
 __all__ = [
@@ -103,14 +103,13 @@ def scale_by_adam(
         check_match(state.mu, updates, what="scale_by_adam: updates vs first moment (shaped like params)")
         count = state.count + 1
         step = count.to(scalar_dtype(count.device))
-        bc1 = 1.0 - torch.pow(b1, step)
-        bc2 = 1.0 - torch.pow(b2, step)
+        bc1, bc2 = 1.0 - torch.pow(b1, step), 1.0 - torch.pow(b2, step)
+        bc1, bc2, bc2_sqrt = once_per_step(bc1, bc2, torch.sqrt(bc2))
         mu = _tree.map(lambda g, m: torch.lerp(m, g, 1.0 - b1), updates, state.mu)
         nu = _tree.map(lambda g, v: torch.addcmul(v * b2, g, g, value=1.0 - b2), updates, state.nu)
         nu_max = _tree.map(torch.maximum, state.nu_max, nu) if amsgrad else None
         second = nu_max if amsgrad else nu
         if eps_root == 0.0:
-            bc2_sqrt = torch.sqrt(bc2)
             out = _tree.map(lambda m, v: (m / bc1) / (torch.sqrt(v) / bc2_sqrt + eps), mu, second)
         else:
             out = _tree.map(lambda m, v: (m / bc1) / (torch.sqrt(v / bc2 + eps_root) + eps), mu, second)

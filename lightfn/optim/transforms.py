@@ -14,7 +14,7 @@ import torch
 
 from .. import tree as _tree
 from ..errors import StepError
-from ._checks import OptimizerConfigError, check_match, check_params, check_state, scalar_dtype, zero_count
+from ._checks import OptimizerConfigError, check_match, check_params, check_state, once_per_step, scalar_dtype, zero_count
 from .base import EmptyState, GradientTransformation, PyTree
 
 __all__ = [
@@ -96,7 +96,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByLearningRateState]:
         check_state(state, ScaleByLearningRateState, "scale_by_learning_rate")
         if callable(learning_rate) or isinstance(learning_rate, torch.Tensor):
-            lr = _as_scalar(_value_at(learning_rate, state.count), state.count.device)
+            (lr,) = once_per_step(_as_scalar(_value_at(learning_rate, state.count), state.count.device))
             factor: float | torch.Tensor = lr * sign
             # Stored in the incoming state's dtype, so the state's dtypes never drift.
             recorded = lr.to(state.learning_rate.dtype)
