@@ -1,0 +1,83 @@
+"""What the examples share besides data: their command-line flags and a per-epoch printout.
+
+``example_parser`` gives every example the same flags (data folder, output folder, epochs,
+limits, batch size, learning rate, ``--no-jit``, seed, threads); ``setup`` applies the seed
+and the thread count; ``EpochPrinter`` is a callback printing one line per epoch, so a run
+whose output goes to a file or a CI log still says what it is doing (the progress bar is
+only drawn on a terminal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import lightfn as lf
+
+__all__ = ["example_parser", "setup", "EpochPrinter"]
+
+
+def _int_or_fraction(text: str) -> int | float:
+    return float(text) if "." in text or "e" in text else int(text)
+
+
+def example_parser(
+    description: str, name: str, *, max_epochs: int, batch_size: int, lr: float, threads: int | None = 1
+) -> argparse.ArgumentParser:
+    """The flags every example shares (its own go on top)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path("data"), help="folder with MNIST IDX files (default: data)")
+    parser.add_argument("--no-download", action="store_true", help="do not try to download MNIST when it is not in --data-dir")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs") / name, help=f"output folder (default: runs/{name})")
+    parser.add_argument("--max-epochs", type=int, default=max_epochs, help=f"default {max_epochs}")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    parser.add_argument("--limit-train-batches", type=_int_or_fraction, default=None, help="batches per epoch (int or fraction)")
+    parser.add_argument("--limit-val-batches", type=_int_or_fraction, default=None, help="batches per validation (int or fraction)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"default {batch_size}")
+    parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
+    parser.add_argument("--no-jit", action="store_true", help="run eagerly instead of compiling the steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=threads,
+        help=f"CPU threads for tensor ops (default {threads or 'torch chooses'}; 0: torch chooses). Small models "
+        "gain little from more, and spinning threads stall badly when other jobs share the cores",
+    )
+    return parser
+
+
+def setup(args: argparse.Namespace) -> None:
+    """Seed torch's global generator (modules' initial weights) and set the CPU thread count."""
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # inductor's C++ toolchain lookup warns "No CUDA runtime is found" on every CPU-only
+    # machine; it says nothing about this run
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+class EpochPrinter(lf.callbacks.Callback):
+    """Prints ``epoch 3/20  step 420  train/loss 0.0452  val/loss 0.0449 ...  12.3 s`` per epoch.
+
+    It reads only the values fit already copied to the host (``ctx.metrics``): printing
+    adds no device sync. ``names`` picks and orders the metrics shown.
+    """
+
+    def __init__(self, names: tuple[str, ...], max_epochs: int | None = None) -> None:
+        self.names = names
+        self.max_epochs = max_epochs
+        self._t0 = time.monotonic()
+
+    def on_fit_start(self, ctx: lf.callbacks.Context) -> None:
+        self._t0 = time.monotonic()
+
+    def on_epoch_end(self, ctx: lf.callbacks.Context) -> None:
+        if not ctx.is_main:
+            return
+        of = f"/{self.max_epochs}" if self.max_epochs else ""
+        shown = "  ".join(f"{n} {ctx.metrics[n]:.4f}" for n in self.names if n in ctx.metrics)
+        tqdm.write(f"epoch {ctx.epoch + 1}{of}  step {ctx.step}  {shown}  {time.monotonic() - self._t0:.1f} s")
