@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from . import callbacks, data, distributed, loggers, optim, random, tree
 from .errors import CheckpointError, CompileError, DistributedError, ExportError, LightfnError, StepError, TreeError
+from .checkpoint import load, read_metadata, save
+from .export import export, export_aot, export_onnx
+from .fit import fit
+from .loop import FitError
 from .module import functionalize
-from .state import TrainState
+from .predict import predict
+from .state import LossScale, TrainState
 from .step import EvalStep, TrainStep, eval_step, train_step
 from .transforms import grad, jit, value_and_grad, vmap
 
@@ -34,10 +39,22 @@ __all__ = [
     "jit",
     # state and steps
     "TrainState",
+    "LossScale",
     "TrainStep",
     "EvalStep",
     "train_step",
     "eval_step",
+    # the loop
+    "fit",
+    # checkpoints
+    "save",
+    "load",
+    "read_metadata",
+    # inference
+    "export",
+    "export_onnx",
+    "export_aot",
+    "predict",
     # errors
     "LightfnError",
     "TreeError",
@@ -46,4 +63,5 @@ __all__ = [
     "CheckpointError",
     "ExportError",
     "DistributedError",
+    "FitError",
 ]
