@@ -126,7 +126,7 @@ def _slices(data: Any, batch_size: int) -> Iterator[Any]:
         if not isinstance(leaf, torch.Tensor) or leaf.ndim == 0:
             kind = "a 0-d tensor" if isinstance(leaf, torch.Tensor) else f"a {type(leaf).__name__}"
             raise DataError(f"data leaf {tree.keystr(path)} is {kind}: every leaf needs a leading (row) dimension to slice")
-    (first_path, first), n = leaves[0], leaves[0][1].shape[0]
+    first_path, n = leaves[0][0], leaves[0][1].shape[0]
     for path, leaf in leaves[1:]:
         if leaf.shape[0] != n:
             raise DataError(f"data leaves disagree on the number of rows: {tree.keystr(first_path)} has {n}, {tree.keystr(path)} has {leaf.shape[0]}")

@@ -9,7 +9,8 @@ import lightfn as lf
 from lightfn.callbacks import Callback, ModelCheckpoint, Signal
 from lightfn.errors import StepError
 from lightfn.fit import FitError, fit
-from lightfn.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightfn.loggers import CSVLogger, TensorBoardLogger
+from memory_logger import MemoryLogger
 
 N, D = 40, 4
 
@@ -67,29 +68,6 @@ class Recorder(Callback):
 
     def steps_of(self, name, stage=None):
         return [e[3] for e in self.events if e[0] == name and (stage is None or e[1] == stage)]
-
-
-class MemoryLogger(Logger):
-    def __init__(self):
-        self.rows = []
-        self.hparams = None
-
-    def log_metrics(self, metrics, step):
-        self.rows.append((step, dict(metrics)))
-
-    def log_hparams(self, hparams):
-        self.hparams = dict(hparams)
-
-    @property
-    def log_dir(self):
-        return None
-
-    @property
-    def version(self):
-        return 0
-
-    def values(self, name):
-        return [(s, m[name]) for s, m in self.rows if name in m]
 
 
 def run(step, state, loader, **kw):

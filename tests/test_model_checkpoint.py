@@ -13,7 +13,7 @@ from safetensors import safe_open
 import lightfn as lf
 from lightfn.callbacks import Callback, Context, EarlyStopping, MisconfigurationError, ModelCheckpoint
 from lightfn.fit import fit
-from lightfn.loggers import Logger
+from memory_logger import MemoryLogger
 
 D = 4
 SAFE = re.compile(r"[A-Za-z0-9._=+-]+")
@@ -55,28 +55,6 @@ def scripted_eval(values, name="loss", steps_per_epoch=4):
 
 
 VAL = [(torch.zeros(8, D), torch.zeros(8))]  # one batch
-
-
-class MemoryLogger(Logger):
-    def __init__(self):
-        self.rows = []
-
-    def log_metrics(self, metrics, step):
-        self.rows.append((step, dict(metrics)))
-
-    def log_hparams(self, hparams):
-        pass
-
-    @property
-    def log_dir(self):
-        return None
-
-    @property
-    def version(self):
-        return 0
-
-    def values(self, name):
-        return [(s, m[name]) for s, m in self.rows if name in m]
 
 
 class Listing(Callback):

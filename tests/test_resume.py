@@ -26,7 +26,7 @@ import torch
 import lightfn as lf
 from lightfn.callbacks import EarlyStopping, ModelCheckpoint
 from lightfn.fit import FitError, fit
-from lightfn.loggers import Logger
+from memory_logger import MemoryLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ROOT / "tests" / "fit_workers"
@@ -46,31 +46,6 @@ KILLS = {
     "after-epoch-end-checkpoint": ("step:7", (1, 0, 6)),
 }
 SIGTERM_STEP = 8
-
-
-class MemoryLogger(Logger):
-    def __init__(self):
-        self.rows = []
-
-    def log_metrics(self, metrics, step):
-        self.rows.append((step, dict(metrics)))
-
-    def log_hparams(self, hparams):
-        pass
-
-    @property
-    def log_dir(self):
-        return None
-
-    @property
-    def version(self):
-        return 0
-
-    def by_step(self):
-        out = {}
-        for step, metrics in self.rows:
-            out.setdefault(step, {}).update(metrics)
-        return out
 
 
 @dataclasses.dataclass

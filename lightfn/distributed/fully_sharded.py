@@ -111,11 +111,6 @@ class ShardLayout:
             pieces.append(torch.zeros(missing, dtype=leaves[0].dtype, device=leaves[0].device))
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
 
-    def flatten(self, leaves: Any) -> torch.Tensor:
-        """The params ``leaves`` (in flatten order) as one padded flat vector; traceable."""
-        flat = torch.cat([x.reshape(-1) for x in leaves])
-        return torch.nn.functional.pad(flat, (0, self.padded - self.total))
-
     def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Views of a full flat vector as the params' leaves (padding ignored); traceable."""
         pieces = torch.split(flat[: self.total], list(self.numels))
@@ -134,16 +129,10 @@ class ShardLayout:
         return dataclasses.replace(self, world_size=world_size)
 
     def flatten(self, params: Any) -> torch.Tensor:
-        """The params pytree as one padded flat vector."""
+        """The params pytree (or its leaves, in flatten order) as one padded flat vector; traceable."""
         leaves = tree.leaves(params)
         flat = torch.cat([x.reshape(-1) for x in leaves]) if leaves else torch.zeros(0, dtype=self.dtype)
         return torch.nn.functional.pad(flat, (0, self.padded - self.total))
-
-    def unflatten(self, flat: torch.Tensor) -> Any:
-        """The params pytree viewed from a full flat vector (padding ignored); traceable."""
-        pieces = torch.split(flat[: self.total], list(self.numels))
-        views = [p.view(s) for p, s in zip(pieces, self.shapes)]
-        return tree.map(lambda i: views[i], self.skeleton)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description (for checkpoint indexes)."""
