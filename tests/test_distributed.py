@@ -44,6 +44,7 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
+    env["GLOO_SOCKET_IFNAME"] = "lo"  # the loopback device: never the host's name, which may not resolve here
     return env
 
 
@@ -282,7 +283,7 @@ def test_killed_rank_is_restarted_and_resumes_to_the_same_result(tmp_path, ddp_e
     out = tmp_path / "out"
     proc = torchrun(
         "restart.py", 20, tmp_path / "ckpt", out, 6,
-        extra=("--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--max-restarts=1"),
+        extra=("--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--local-addr=127.0.0.1", "--max-restarts=1"),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     reps = reports(out, proc)

@@ -147,6 +147,29 @@ def _per_rank_cache_dir(rank_: int) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, leaf)
 
 
+def _attempt_store(world: int, timeout: float) -> dict[str, Any]:
+    """The store for init_process_group when torchrun restarts workers on a shared store.
+
+    With ``--rdzv-backend=c10d`` torchrun keeps one TCPStore alive across restarts
+    (``TORCHELASTIC_USE_AGENT_STORE=True``) and torch's env:// rendezvous adds no per-attempt
+    prefix, so after ``--max-restarts`` a rank can read a dead peer's gloo address left by the
+    previous attempt and fail with "Connection refused". Scoping the keys by
+    ``TORCHELASTIC_RESTART_COUNT`` makes every attempt start from a clean namespace.
+    Returns ``{}`` (torch's own env:// rendezvous) when torchrun does not share its store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=_env_int("MASTER_PORT"),
+        world_size=world,
+        is_master=False,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    return {"store": dist.PrefixStore(f"lightfn/attempt_{attempt}", client)}
+
+
 def init(
     backend: str | None = None,
     *,
@@ -201,6 +224,7 @@ def init(
                 rank=rank_,
                 world_size=world,
                 timeout=datetime.timedelta(seconds=timeout),
+                **_attempt_store(world, timeout),
                 **({"device_id": device} if backend == "nccl" else {}),
             )
         except (RuntimeError, ValueError, TimeoutError) as e:
