@@ -20,7 +20,7 @@ import lightfn as lf
 import lightfn.distributed as ld
 from lightfn.distributed.data_parallel import RankFoldedLoss
 from lightfn.distributed.fully_sharded import ShardedParams, _layout_of
-from lightfn.distributed.mesh import Mesh, _per_rank_cache_dir
+from lightfn.distributed.mesh import Mesh, _attempt_store, _per_rank_cache_dir
 from lightfn.errors import CheckpointError, DistributedError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -75,6 +75,23 @@ def test_init_without_torchrun_is_a_single_process_mesh(no_torchrun):
     mesh = ld.init()
     assert (mesh.rank, mesh.world_size, mesh.is_main, mesh.distributed) == (0, 1, True, False)
     assert mesh.device_mesh is None and not ld.launched()
+
+
+def test_process_group_keys_are_scoped_by_torchrun_restart_attempt(monkeypatch):
+    # torchrun's c10d rendezvous keeps one store across restarts: keys of a dead attempt
+    # (e.g. a peer's gloo address) must not be visible to the next one.
+    port = _free_port()
+    server = torch.distributed.TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert _attempt_store(2, 10.0) == {}  # not torchrun's shared store: torch's env:// as is
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    for attempt in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        _attempt_store(2, 10.0)["store"].set("rank_0", f"addr of attempt {attempt}")
+    assert server.get("lightfn/attempt_0/rank_0") == b"addr of attempt 0"
+    assert server.get("lightfn/attempt_1/rank_0") == b"addr of attempt 1"
 
 
 def test_strategies_without_torchrun_say_how_to_launch(no_torchrun):
