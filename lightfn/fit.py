@@ -33,7 +33,7 @@ from .callbacks.lr_monitor import LearningRateMonitor
 from .callbacks.progress import ProgressBar
 from .data import iterate, num_batches
 from .loggers.base import Logger
-from .loop import (FitError, Plan, Position, agree, batch_dtype, configure_steps, first_batches, is_main, make_plan,
+from .loop import (FitError, Plan, Position, batch_dtype, configure_steps, first_batches, is_main, make_plan,
                    positive, preemption_signal, resolve_device)
 from .resume import data_seed, pack
 from .runner import EvalRunner, TrainRunner, means, to_host
@@ -191,34 +191,34 @@ def fit(
     device = resolve_device(device)
     step, state, eval_step = configure_steps(step, state, eval_step, precision, accumulate_grad_batches, gradient_clip_val)
     spread = setup_strategy(strategy, step, state, eval_step, callbacks)
-    step, state, eval_step, device = spread.step, spread.state, spread.eval_step, spread.device(device)
-    train_data, val_data = spread.shard_data(train_data, "train_data"), spread.shard_data(val_data, "val_data")
-    if overfit_batches:
-        train_data = first_batches(train_data, overfit_batches)
-        val_data = train_data if eval_step is not None else val_data
-        limit_train_batches = limit_val_batches = None
-    if val_data is not None and eval_step is None:
-        raise FitError("val_data needs an eval_step, e.g. eval_step=lf.eval_step(loss_fn)")
-    has_val = val_data is not None and eval_step is not None
-    plan = make_plan(
-        n_train=num_batches(train_data), n_val=num_batches(val_data) if has_val else None, has_val=has_val,
-        max_epochs=max_epochs, max_steps=max_steps, max_time=max_time, min_epochs=min_epochs, min_steps=min_steps,
-        check_val_every_n_epoch=check_val_every_n_epoch, val_check_interval=val_check_interval,
-        num_sanity_val_steps=num_sanity_val_steps, limit_train_batches=limit_train_batches,
-        limit_val_batches=limit_val_batches, log_every_n_steps=log_every_n_steps,
-    )
-    callbacks = _with_progress_bar(list(callbacks), progress, plan.train_batches)
-    if ckpt_dir is None:
-        ckpt_dir = next((cb.dirpath for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
-    loop = _Loop(
-        plan=plan, train=TrainRunner(step, compile=jit), evaluate=EvalRunner(eval_step, compile=jit) if has_val else None,
-        state=_copy_to(state, device), train_data=train_data, val_data=val_data if has_val else None,
-        callbacks=callbacks, loggers=list(loggers), device=device, writes=not fast_dev_run,
-        ckpt_dir=None if ckpt_dir is None else Path(ckpt_dir), batch_dtype=batch_dtype(step), spread=spread,
-    )
-    if resume_from is not None:
-        loop.restore(_resume_path(resume_from, loop.ckpt_dir))
-    with spread.guard():
+    with spread.guard():  # from here on, the control group fit made is released however fit ends
+        step, state, eval_step, device = spread.step, spread.state, spread.eval_step, spread.device(device)
+        train_data, val_data = spread.shard_data(train_data, "train_data"), spread.shard_data(val_data, "val_data")
+        if overfit_batches:
+            train_data = first_batches(train_data, overfit_batches)
+            val_data = train_data if eval_step is not None else val_data
+            limit_train_batches = limit_val_batches = None
+        if val_data is not None and eval_step is None:
+            raise FitError("val_data needs an eval_step, e.g. eval_step=lf.eval_step(loss_fn)")
+        has_val = val_data is not None and eval_step is not None
+        plan = make_plan(
+            n_train=num_batches(train_data), n_val=num_batches(val_data) if has_val else None, has_val=has_val,
+            max_epochs=max_epochs, max_steps=max_steps, max_time=max_time, min_epochs=min_epochs, min_steps=min_steps,
+            check_val_every_n_epoch=check_val_every_n_epoch, val_check_interval=val_check_interval,
+            num_sanity_val_steps=num_sanity_val_steps, limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches, log_every_n_steps=log_every_n_steps,
+        )
+        callbacks = _with_progress_bar(list(callbacks), progress, plan.train_batches)
+        if ckpt_dir is None:
+            ckpt_dir = next((cb.dirpath for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+        loop = _Loop(
+            plan=plan, train=TrainRunner(step, compile=jit), evaluate=EvalRunner(eval_step, compile=jit) if has_val else None,
+            state=_copy_to(state, device), train_data=train_data, val_data=val_data if has_val else None,
+            callbacks=callbacks, loggers=list(loggers), device=device, writes=not fast_dev_run,
+            ckpt_dir=None if ckpt_dir is None else Path(ckpt_dir), batch_dtype=batch_dtype(step), spread=spread,
+        )
+        if resume_from is not None:
+            loop.restore(_resume_path(resume_from, loop.ckpt_dir))
         return spread.finish(loop.run(hparams))
 
 
@@ -263,7 +263,7 @@ class _Loop:
                         self.emit(lambda cb, ctx: cb.on_train_batch_end(ctx))
                         if plan.validate_after_batch(pos):
                             self.validate()
-                        stop, sigterm = agree((self.should_stop(), preempted()), self.device)
+                        stop, sigterm = self.spread.agree((self.should_stop(), preempted()), self.device)
                         if sigterm:
                             return self.preempt()
                         if stop:

@@ -335,8 +335,9 @@ def is_main() -> bool:
 def agree(flags: tuple[bool, ...], device: torch.device) -> tuple[bool, ...]:
     """Every rank's flags OR-ed together, so all ranks stop (or save) at the same step.
 
-    A no-op in a single process. Distributed, it is one small all-reduce (a host sync),
-    which fit calls once per step: the price of answering a SIGTERM that reached one rank.
+    A no-op in a single process. Distributed, it is one small all-reduce on the default
+    group (on NCCL a host sync): fit uses it each step only for a process group the user set
+    up without a strategy; with ``strategy=`` it agrees on the mesh's CPU control group.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return flags

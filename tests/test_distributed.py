@@ -310,6 +310,16 @@ def test_killed_rank_is_restarted_and_resumes_to_the_same_result(tmp_path, ddp_e
 
 
 @pytest.mark.slow
+def test_a_sigterm_on_one_rank_preempts_every_rank_at_the_same_step(tmp_path):
+    proc = torchrun("preempt.py", tmp_path, 5)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rep in reports(tmp_path, proc):  # rank 0 never got the signal: it stopped by the vote
+        assert rep["preempted"] == {"code": 0, "checkpoint": "last.safetensors"}
+        assert rep["saved_step"] == 5
+        assert rep["resumed"] == rep["full"]  # bit-identical to the uninterrupted fit
+
+
+@pytest.mark.slow
 def test_ranks_disagreeing_on_params_name_the_path(tmp_path):
     proc = torchrun("bad.py", "mismatch", tmp_path)
     for rep in reports(tmp_path, proc):
@@ -379,6 +389,14 @@ def fit_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fit")
     proc = torchrun("fit_worker.py", "ddp,fsdp,fsdp-gathered", out)
     return out, reports(out, proc)
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_stop_flags_over_a_cpu_control_group(fit_runs):
+    _, reps = fit_runs
+    for rep in reps:  # rank 1 alone raised the first flag: every rank sees it
+        assert rep["agree"] == [[True, False], [False, False]]
+        assert rep["control"] == ["gloo", 2]
 
 
 def _csv_column(path: pathlib.Path, name: str) -> list[float]:

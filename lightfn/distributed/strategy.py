@@ -22,13 +22,15 @@ tells it, at the few places where processes matter:
 - the result: a state fit sharded is gathered again before fit returns it.
 
 Every rank takes the same decisions because the metrics they decide on are reduced first
-and fit OR-s stop flags over ranks each step (:func:`lightfn.loop.agree`).
+and fit OR-s stop flags over ranks each step (:meth:`Spread.agree`: a CPU all-reduce on the
+gloo control group fit makes, so NCCL runs do not stall on it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,7 +46,7 @@ from ..callbacks.base import Callback
 from ..callbacks.checkpoint import ModelCheckpoint
 from ..data import ArrayLoader, num_batches
 from ..errors import DistributedError
-from ..loop import FitError, is_main
+from ..loop import FitError, agree, is_main
 from ..resume import restore_run, save_run
 from ..state import TrainState
 from ..step import EvalStep, TrainStep
@@ -192,6 +194,10 @@ class Spread:
     state: Any
     eval_step: Any
     sharded_by_fit: bool = False
+    # A gloo group over the mesh's ranks for fit's per-step stop/preemption vote: a CPU
+    # all-reduce that never waits for the GPU stream (NCCL runs keep dispatching ahead).
+    # Created per fit call and destroyed when it ends (see guard).
+    control: Any = None
 
     @property
     def active(self) -> bool:
@@ -236,6 +242,19 @@ class Spread:
         if isinstance(data, DataLoader) and _has_distributed_sampler(data):
             return data  # already this rank's samples
         return RankBatches(data, mesh.rank, mesh.world_size, what)
+
+    def agree(self, flags: tuple[bool, ...], device: torch.device) -> tuple[bool, ...]:
+        """Every rank's flags OR-ed (fit calls it once per step so all ranks stop or save
+        together). On a mesh it is a CPU all-reduce over the ``control`` gloo group: no wait on
+        the GPU stream. Without a strategy: :func:`lightfn.loop.agree` (any process group)."""
+        if not self.active:
+            return agree(flags, device)
+        if self.control is None:
+            return flags
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        with guard(self.mesh, "agreeing on when to stop"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return tuple(bool(v) for v in t.tolist())
 
     def mean(self, metrics: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """Step metrics averaged over ranks (a collective: at log points only)."""
@@ -319,9 +338,14 @@ class Spread:
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
-        """A dead or stalled rank becomes a clear DistributedError after the timeout."""
-        with guard(self.mesh, "training"):
-            yield
+        """A dead or stalled rank becomes a clear DistributedError after the timeout; the
+        control group is released when the block ends, however it ends."""
+        try:
+            with guard(self.mesh, "training"):
+                yield
+        finally:
+            if self.control is not None:
+                dist.destroy_process_group(self.control)
 
     def finish(self, state: Any) -> Any:
         """The state fit returns: gathered again when fit sharded it (a collective)."""
@@ -371,7 +395,21 @@ def setup_strategy(
             state, sharded_by_fit = shard_state(state, mesh), True
         if eval_step is not None:
             eval_step = GatheredEval(eval_step, mesh.world_size, mesh.group_name)
-    return Spread(mesh=mesh, strategy=strategy, step=step, state=state, eval_step=eval_step, sharded_by_fit=sharded_by_fit)
+    control = control_group(mesh)
+    return Spread(mesh=mesh, strategy=strategy, step=step, state=state, eval_step=eval_step, sharded_by_fit=sharded_by_fit,
+                  control=control)
+
+
+def control_group(mesh: Mesh) -> Any:
+    """A new gloo group over ``mesh``'s ranks for host-side votes (``None`` for one process).
+
+    A collective call: every rank makes it at the same point. Also on gloo meshes, so the
+    code NCCL runs depend on is the code CPU tests run.
+    """
+    if not mesh.distributed:
+        return None
+    with guard(mesh, "creating the control group"):
+        return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=mesh.timeout))
 
 
 def _train_step(step: Any, name: str) -> TrainStep:

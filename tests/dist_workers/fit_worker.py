@@ -19,7 +19,7 @@ import lightfn as lf
 from common import arg, digest, loss_fn, make_data, make_params, max_diff, write
 from lightfn.callbacks import EarlyStopping, ModelCheckpoint
 from lightfn.data import ArrayLoader
-from lightfn.distributed.strategy import Strategy
+from lightfn.distributed.strategy import Spread, Strategy, control_group
 from lightfn.loggers import CSVLogger
 from lightfn.optim.alias import adam
 
@@ -70,5 +70,11 @@ for name in names:
     if rank == 0:
         r["max_diff"] = max_diff(full["params"], ref["params"])
     result[name] = r
+# fit's per-step stop/preemption vote: a CPU all-reduce on the mesh's own gloo control group
+mesh = lf.distributed.init()
+spread = Spread(mesh=mesh, strategy=Strategy(name="ddp"), step=None, state=None, eval_step=None, control=control_group(mesh))
+with spread.guard():
+    result["agree"] = [spread.agree((rank == 1, False), torch.device("cpu")), spread.agree((False, False), torch.device("cpu"))]
+    result["control"] = [torch.distributed.get_backend(spread.control), torch.distributed.get_world_size(spread.control)]
 write(out_dir, rank, result)
 torch.distributed.destroy_process_group()
