@@ -310,6 +310,19 @@ def test_killed_rank_is_restarted_and_resumes_to_the_same_result(tmp_path, ddp_e
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_fsdp_fit_resumes_on_another_number_of_ranks(tmp_path, before, after):
+    # e.g. an elastic restart with fewer nodes: the sharded checkpoint is resharded on resume
+    proc = torchrun("reshard_fit.py", "first", tmp_path, nproc=before)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun("reshard_fit.py", "resume", tmp_path, nproc=after)
+    for rep in reports(tmp_path, proc, ranks=after):
+        assert rep["step"] == rep["full_step"] == 40 and rep["steps_run"] == 20  # resumed after epoch 2 of 4
+        assert rep["max_diff"] <= 1e-6  # vs the uninterrupted fit on `before` ranks: the same global batches
+        assert rep["last_is_sharded_folder"] is True  # fsdp keeps writing one file per rank
+
+
+@pytest.mark.slow
 def test_a_sigterm_on_one_rank_preempts_every_rank_at_the_same_step(tmp_path):
     proc = torchrun("preempt.py", tmp_path, 5)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -55,7 +55,7 @@ from .collectives import all_gather_flat
 from .data_parallel import RankFoldedLoss, _AverageGrads, data_parallel, reduce_metrics, replicate_state
 from .fully_sharded import FullyShardedStep, ShardedParams, fully_sharded, shard_state, unshard_state
 from .mesh import Mesh, guard, init, require_launched, single_process_mesh
-from .sharded_checkpoint import INDEX_NAME, cut_full, full_template, read_index, save_sharded
+from .sharded_checkpoint import INDEX_NAME, cut_full, full_template, read_index, recut, save_sharded
 
 __all__ = ["Strategy", "Spread", "RankBatches", "setup_strategy"]
 
@@ -303,12 +303,10 @@ class Spread:
         mesh = self.mesh
         if self.fsdp and path.is_dir():
             index = read_index(path)
-            if index["world_size"] != mesh.world_size:
-                raise FitError(
-                    f"{path} was written by {index['world_size']} ranks and this run has {mesh.world_size}; resume a "
-                    "fit with the same number of ranks (lf.distributed.load_sharded reshards the state itself)"
-                )
-            state, pos, acc, *rest = restore_run(path / index["files"][mesh.rank], state, callbacks, seed)
+            if index["world_size"] == mesh.world_size:
+                state, pos, acc, *rest = restore_run(path / index["files"][mesh.rank], state, callbacks, seed)
+            else:
+                state, pos, acc, *rest = _restore_resharded(path, index, state, callbacks, seed, mesh)
         elif self.fsdp:
             full, pos, acc, *rest = restore_run(path, full_template(state), callbacks, seed)
             state = cut_full(full, state, mesh)
@@ -350,6 +348,39 @@ class Spread:
     def finish(self, state: Any) -> Any:
         """The state fit returns: gathered again when fit sharded it (a collective)."""
         return unshard_state(state, self.mesh) if self.sharded_by_fit else state
+
+
+def _restore_resharded(
+    path: Path, index: Mapping[str, Any], state: Any, callbacks: Sequence[Callback], seed: str, mesh: Mesh
+) -> tuple[Any, ...]:
+    """Resume from a sharded folder another number of ranks wrote (e.g. an elastic restart
+    with fewer nodes): every saved shard is read, the full flat vectors reassembled, and this
+    rank's slice cut for the current mesh. The loop position is world-size independent
+    (batches are global), and the callback states and metric sums are rank 0's."""
+    old_world = int(index["world_size"])
+
+    def old_layout(x: Any) -> Any:
+        if not isinstance(x, ShardedParams):
+            return x
+        layout = x.layout.with_world_size(old_world)
+        return ShardedParams(shard=torch.zeros(layout.shard_size, dtype=x.shard.dtype, device=x.shard.device), layout=layout)
+
+    old_like = tree.map(old_layout, state, is_leaf=lambda x: isinstance(x, ShardedParams))
+    parts: list[Any] = []
+    for i in reversed(range(old_world)):  # file 0 last: its callback states are the ones kept
+        restored = restore_run(path / index["files"][i], old_like, callbacks, seed)
+        parts.insert(0, restored[0])
+    head = restored  # file 0's (state, pos, acc, names, logged)
+
+    def joined(like: Any, *shards: Any) -> Any:
+        if not isinstance(like, ShardedParams):
+            return shards[0]
+        flat = torch.cat([p.shard for p in shards])
+        return ShardedParams(shard=flat, layout=like.layout.with_world_size(1))
+
+    single = tree.map(joined, old_like, *parts, is_leaf=lambda x: isinstance(x, ShardedParams))
+    _log.info("resume: %s was written by %d ranks; resharded for %d", path, old_world, mesh.world_size)
+    return (recut(single, state, mesh), *head[1:])
 
 
 def _check_callbacks(callbacks: Sequence[Callback], mesh: Mesh) -> None:
