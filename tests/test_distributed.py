@@ -340,7 +340,7 @@ def test_ranks_disagreeing_on_params_name_the_path(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["exit", "stall"])
+@pytest.mark.parametrize("how", ["exit", "stall", "fit_exit"])
 def test_a_dead_or_stalled_rank_fails_the_others_clearly(tmp_path, how):
     proc = torchrun("bad.py", how, tmp_path)
     files = list(tmp_path.glob("rank0.json"))

@@ -286,7 +286,8 @@ def guard(mesh: Mesh, what: str = "a collective") -> Iterator[None]:
             raise
         raise DistributedError(
             f"{what} failed on rank {mesh.rank} of {mesh.world_size}: another rank probably died, was killed, or "
-            f"stalled for more than the {mesh.timeout:g} s timeout (set it with lf.distributed.init(timeout=...)); "
+            f"stalled for more than the {mesh.timeout:g} s timeout (set it with lf.distributed.init(timeout=...), in "
+            "fit with strategy=lf.distributed.Strategy(name=..., timeout=...)); "
             f"check the other ranks' logs for the first error. Backend said: {text.strip().splitlines()[0][:300]}"
         ) from e
 
