@@ -235,6 +235,9 @@ class _Loop:
         self.log_lr = not any(isinstance(cb, LearningRateMonitor) for cb in callbacks)
         self.pos, self.acc, self.metrics = Position(), None, {}
         self.stop_reason, self.t0 = "", time.monotonic()
+        # What callbacks see as elapsed time. Ranks that vote share one clock (the largest at
+        # the last vote, 0 before it), so time-based callback decisions agree everywhere.
+        self.clock: float | None = 0.0 if spread.voting else None
         _check_state_keys(callbacks)
 
     def restore(self, path: Path) -> None:
@@ -263,7 +266,8 @@ class _Loop:
                         self.emit(lambda cb, ctx: cb.on_train_batch_end(ctx))
                         if plan.validate_after_batch(pos):
                             self.validate()
-                        stop, sigterm = self.spread.agree((self.should_stop(), preempted()), self.device)
+                        now = self.elapsed()
+                        (stop, sigterm), self.clock = self.spread.vote((self.should_stop(now), preempted()), now, self.device)
                         if sigterm:
                             return self.preempt()
                         if stop:
@@ -286,9 +290,13 @@ class _Loop:
         max_epochs = self.plan.max_epochs
         return (max_epochs is not None and self.pos.epoch >= max_epochs) or self.should_stop()
 
-    def should_stop(self) -> bool:
+    def should_stop(self, elapsed: float | None = None) -> bool:
+        """Stop now? ``elapsed`` defaults to the shared clock when ranks vote (so every rank
+        answers alike between votes), else this process's own."""
         pos = self.pos
-        return (pos.stop_requested and self.plan.may_stop_early(pos)) or self.plan.out_of_budget(pos, self.elapsed())
+        if elapsed is None:
+            elapsed = self.elapsed() if self.clock is None else self.clock
+        return (pos.stop_requested and self.plan.may_stop_early(pos)) or self.plan.out_of_budget(pos, elapsed)
 
     def batches(self) -> Any:
         pos, n = self.pos, self.plan.train_batches
@@ -367,7 +375,8 @@ class _Loop:
     def context(self, stage: str, extra: Mapping[str, float] | None = None) -> Context:
         pos = self.pos
         return Context(state=self.state, step=pos.step, epoch=pos.epoch, batch_idx=pos.batch, stage=stage,
-                       metrics={**self.metrics, **(extra or {})}, is_main=self.main, elapsed=self.elapsed())
+                       metrics={**self.metrics, **(extra or {})}, is_main=self.main,
+                       elapsed=self.elapsed() if self.clock is None else self.clock)
 
     def save(self, path: str | os.PathLike[str], agreed: bool = True) -> None:
         """Write a checkpoint; ``agreed``: every rank saves this path now (see Spread.save)."""

@@ -337,7 +337,7 @@ def agree(flags: tuple[bool, ...], device: torch.device) -> tuple[bool, ...]:
 
     A no-op in a single process. Distributed, it is one small all-reduce on the default
     group (on NCCL a host sync): fit uses it each step only for a process group the user set
-    up without a strategy; with ``strategy=`` it agrees on the mesh's CPU control group.
+    up without a strategy; with ``strategy=`` ranks vote on a CPU control group instead.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return flags

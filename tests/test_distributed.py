@@ -323,6 +323,15 @@ def test_fsdp_fit_resumes_on_another_number_of_ranks(tmp_path, before, after):
 
 
 @pytest.mark.slow
+def test_time_based_decisions_agree_across_ranks_with_different_clocks(tmp_path):
+    proc = torchrun("clocks.py", tmp_path)
+    r0, r1 = reports(tmp_path, proc)
+    assert r0["step"] == r1["step"] > 0  # max_time stopped both at the same step
+    assert r0["saved"] == r1["saved"] and len(r0["saved"]) >= 2  # train_time_interval saves at the same steps
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == r0["saved"]
+
+
+@pytest.mark.slow
 def test_a_sigterm_on_one_rank_preempts_every_rank_at_the_same_step(tmp_path):
     proc = torchrun("preempt.py", tmp_path, 5)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -405,10 +414,10 @@ def fit_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_ranks_agree_on_stop_flags_over_a_cpu_control_group(fit_runs):
+def test_ranks_vote_on_stop_flags_and_clock_over_a_cpu_control_group(fit_runs):
     _, reps = fit_runs
-    for rep in reps:  # rank 1 alone raised the first flag: every rank sees it
-        assert rep["agree"] == [[True, False], [False, False]]
+    for rep in reps:  # rank 1 alone raised the first flag: every rank sees it, and the latest clock
+        assert rep["agree"] == [[[True, False], 2.0], [[False, False], 5.0]]
         assert rep["control"] == ["gloo", 2]
 
 

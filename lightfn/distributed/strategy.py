@@ -22,8 +22,9 @@ tells it, at the few places where processes matter:
 - the result: a state fit sharded is gathered again before fit returns it.
 
 Every rank takes the same decisions because the metrics they decide on are reduced first
-and fit OR-s stop flags over ranks each step (:meth:`Spread.agree`: a CPU all-reduce on the
-gloo control group fit makes, so NCCL runs do not stall on it).
+and ranks vote each step (:meth:`Spread.vote`: stop and SIGTERM flags OR-ed, one shared
+clock for ``max_time`` and ``ModelCheckpoint(train_time_interval=...)``), a CPU all-reduce
+on a gloo control group that fit makes, so NCCL runs do not stall on it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from .. import tree
 from ..callbacks.base import Callback
-from ..callbacks.checkpoint import ModelCheckpoint
 from ..data import ArrayLoader, num_batches
 from ..errors import DistributedError
 from ..loop import FitError, agree, is_main
@@ -243,18 +243,25 @@ class Spread:
             return data  # already this rank's samples
         return RankBatches(data, mesh.rank, mesh.world_size, what)
 
-    def agree(self, flags: tuple[bool, ...], device: torch.device) -> tuple[bool, ...]:
-        """Every rank's flags OR-ed (fit calls it once per step so all ranks stop or save
-        together). On a mesh it is a CPU all-reduce over the ``control`` gloo group: no wait on
-        the GPU stream. Without a strategy: :func:`lightfn.loop.agree` (any process group)."""
-        if not self.active:
-            return agree(flags, device)
-        if self.control is None:
-            return flags
-        t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    @property
+    def voting(self) -> bool:
+        """Ranks vote each step (:meth:`vote`): a fit with a strategy over several processes."""
+        return self.active and self.control is not None
+
+    def vote(self, flags: tuple[bool, ...], elapsed: float, device: torch.device) -> tuple[tuple[bool, ...], float]:
+        """Every rank's flags OR-ed, and the largest of their clocks (``elapsed``), so all
+        ranks stop, save on SIGTERM, and take time-based decisions (``max_time``,
+        ``ModelCheckpoint(train_time_interval=...)``) at the same step. fit calls it once per
+        step. With :attr:`voting` it is one CPU all-reduce over the ``control`` gloo group (no
+        wait on the GPU stream); without a strategy, :func:`lightfn.loop.agree` over whatever
+        process group the user set up, with this rank's own clock."""
+        if not self.voting:
+            return agree(flags, device), elapsed
+        t = torch.tensor([*(float(f) for f in flags), elapsed], dtype=torch.float64)
         with guard(self.mesh, "agreeing on when to stop"):
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
-        return tuple(bool(v) for v in t.tolist())
+        *agreed, clock = t.tolist()
+        return tuple(bool(v) for v in agreed), clock
 
     def mean(self, metrics: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """Step metrics averaged over ranks (a collective: at log points only)."""
@@ -383,17 +390,6 @@ def _restore_resharded(
     return (recut(single, state, mesh), *head[1:])
 
 
-def _check_callbacks(callbacks: Sequence[Callback], mesh: Mesh) -> None:
-    if not mesh.distributed:
-        return
-    for cb in callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.train_time_interval is not None:
-            raise FitError(
-                "ModelCheckpoint(train_time_interval=...) decides from each rank's own clock, so ranks could disagree on "
-                "when to save; in a distributed fit use every_n_steps or every_n_epochs"
-            )
-
-
 def setup_strategy(
     strategy: str | Strategy | None,
     step: Any,
@@ -412,7 +408,6 @@ def setup_strategy(
         return Spread(mesh=single_process_mesh("cpu"), strategy=None, step=step, state=state, eval_step=eval_step)
     require_launched(f"fit(strategy={strategy.name!r})")
     mesh = init(timeout=strategy.timeout)
-    _check_callbacks(callbacks, mesh)
     wrapped = _wrapped_kind(step) is not None
     if eval_step is not None and isinstance(eval_step, EvalStep) and not isinstance(eval_step.loss_fn, RankFoldedLoss):
         eval_step = data_parallel(eval_step, mesh)

@@ -70,11 +70,12 @@ for name in names:
     if rank == 0:
         r["max_diff"] = max_diff(full["params"], ref["params"])
     result[name] = r
-# fit's per-step stop/preemption vote: a CPU all-reduce on the mesh's own gloo control group
+# fit's per-step vote (stop, preemption, one shared clock): a CPU all-reduce on a gloo control group
 mesh = lf.distributed.init()
 spread = Spread(mesh=mesh, strategy=Strategy(name="ddp"), step=None, state=None, eval_step=None, control=control_group(mesh))
 with spread.guard():
-    result["agree"] = [spread.agree((rank == 1, False), torch.device("cpu")), spread.agree((False, False), torch.device("cpu"))]
+    cpu = torch.device("cpu")
+    result["agree"] = [spread.vote((rank == 1, False), 1.0 + rank, cpu), spread.vote((False, False), 5.0 - rank, cpu)]
     result["control"] = [torch.distributed.get_backend(spread.control), torch.distributed.get_world_size(spread.control)]
 write(out_dir, rank, result)
 torch.distributed.destroy_process_group()
