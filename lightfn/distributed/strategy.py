@@ -255,8 +255,10 @@ class Spread:
         step. With :attr:`voting` it is one CPU all-reduce over the ``control`` gloo group (no
         wait on the GPU stream); without a strategy, :func:`lightfn.loop.agree` over whatever
         process group the user set up, with this rank's own clock."""
-        if not self.voting:
+        if not self.active:
             return agree(flags, device), elapsed
+        if self.control is None:  # one process: nothing to agree on
+            return flags, elapsed
         t = torch.tensor([*(float(f) for f in flags), elapsed], dtype=torch.float64)
         with guard(self.mesh, "agreeing on when to stop"):
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
