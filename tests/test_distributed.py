@@ -391,7 +391,7 @@ def test_fit_strategy_arguments_are_checked(no_torchrun):
 
 
 def test_rank_batches_split_every_batch_like_array_loader_shard():
-    from lightfn.distributed.strategy import RankBatches
+    from lightfn.distributed.rank_data import RankBatches
 
     x = torch.arange(30.0).view(10, 3)
     batches = [(x[:4], x[:4, 0]), (x[4:9], x[4:9, 0])]  # the second batch is ragged: 5 rows

@@ -40,12 +40,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from .. import tree
 from ..callbacks.base import Callback
-from ..data import ArrayLoader, num_batches
-from ..errors import DistributedError
+from ..data import ArrayLoader
 from ..loop import FitError, agree, is_main
 from ..resume import restore_run, save_run
 from ..state import TrainState
@@ -55,9 +54,10 @@ from .collectives import all_gather_flat
 from .data_parallel import RankFoldedLoss, _AverageGrads, data_parallel, reduce_metrics, replicate_state
 from .fully_sharded import FullyShardedStep, ShardedParams, fully_sharded, shard_state, unshard_state
 from .mesh import Mesh, guard, init, require_launched, single_process_mesh
+from .rank_data import RankBatches, has_distributed_sampler
 from .sharded_checkpoint import INDEX_NAME, cut_full, full_template, read_index, recut, save_sharded
 
-__all__ = ["Strategy", "Spread", "RankBatches", "setup_strategy"]
+__all__ = ["Strategy", "Spread", "setup_strategy"]
 
 _log = logging.getLogger("lightfn.fit")
 _NAMES = ("ddp", "fsdp")
@@ -131,56 +131,6 @@ class GatheredEval:
         return self.eval_step(state.replace(params=sp.layout.unflatten(full)), batch)
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def _split_rows(batch: Any, rank: int, world: int, what: str) -> Any:
-    """This rank's rows of a global batch, split as evenly as ``ArrayLoader.shard`` does."""
-    sizes = {x.shape[0] for x in tree.leaves(batch) if isinstance(x, torch.Tensor) and x.dim()}
-    if not sizes:
-        raise DistributedError(f"a batch of {what} has no tensor with a batch dimension to split over the ranks")
-    if len(sizes) != 1:
-        raise DistributedError(f"a batch of {what} has tensor leaves with different leading sizes {sorted(sizes)}")
-    (n,) = sizes
-    if n < world:
-        raise DistributedError(
-            f"a batch of {what} has {n} rows, fewer than the {world} ranks, so a rank would get none; use "
-            "drop_last=True or a batch size that is a multiple of the world size"
-        )
-    q, rem = divmod(n, world)
-    lo = rank * q + min(rank, rem)
-    rows = q + (1 if rank < rem else 0)
-    return tree.map(lambda x: x.narrow(0, lo, rows) if isinstance(x, torch.Tensor) and x.dim() else x, batch)
-
-
-class RankBatches:
-    """``data`` (a DataLoader or any re-iterable of global batches) cut to this rank's rows.
-
-    Every rank loads the whole global batch and keeps its rows: the simplest exact sharding
-    of an arbitrary source. The source must yield the same batches on every rank (no
-    shuffle, or a generator seeded the same way on every rank); for large datasets give
-    the DataLoader a ``DistributedSampler`` instead, which fit then uses as it is.
-    """
-
-    def __init__(self, data: Any, rank: int, world_size: int, what: str) -> None:
-        self.data, self.rank, self.world_size, self.what = data, rank, world_size, what
-
-    def __len__(self) -> int:
-        n = num_batches(self.data)
-        if n is None:
-            raise TypeError(f"{type(self.data).__name__} has no len()")
-        return n
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.data:
-            yield _split_rows(batch, self.rank, self.world_size, self.what)
-
-
-def _has_distributed_sampler(data: DataLoader) -> bool:
-    samplers = [data.sampler, data.batch_sampler.sampler if isinstance(data.batch_sampler, BatchSampler) else None]
-    return any(isinstance(s, DistributedSampler) for s in samplers)
-
-
 # ----------------------------------------------------------------------------- the spread
 
 
@@ -239,7 +189,7 @@ class Spread:
                     "get none; use drop_last=True or a dataset size that leaves at least one row per rank"
                 )
             return data.shard(mesh.rank, mesh.world_size)
-        if isinstance(data, DataLoader) and _has_distributed_sampler(data):
+        if isinstance(data, DataLoader) and has_distributed_sampler(data):
             return data  # already this rank's samples
         return RankBatches(data, mesh.rank, mesh.world_size, what)
 
