@@ -220,15 +220,27 @@ def _write_atomic(target: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_dir():
         raise CheckpointError(f"{target}: is a directory; give a file path to save to.")
+
+    def write(f: BinaryIO) -> None:
+        f.write(head)
+        for t in ordered:
+            f.write(fmt.tensor_bytes(t))
+
+    write_atomic(target, write)
+
+
+def write_atomic(target: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``target`` through ``write(file)`` so that a crash at any moment leaves either
+    the previous file or the complete new one: a temporary in the same folder, fsync,
+    rename, fsync of the folder. Temporaries of earlier saves whose process died are removed.
+    (Checkpoints and the index of a sharded checkpoint are both written this way.)"""
     _remove_stale_temporaries(target)
     # Hidden and ending in .tmp, so no glob for checkpoints (*.safetensors) ever matches it.
     tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with open(fd, "wb") as f:
-            f.write(head)
-            for t in ordered:
-                f.write(fmt.tensor_bytes(t))
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .. import tree
-from ..checkpoint import load, save
+from ..checkpoint import load, save, write_atomic
 from ..errors import CheckpointError
 from ..state import TrainState
 from .fully_sharded import ShardedParams, unshard_tree
@@ -70,19 +70,6 @@ def _agreed_tag(mesh: Mesh) -> str:
         with guard(mesh, "agreeing on checkpoint file names"):
             dist.broadcast(value, src=0, group=mesh.group)
     return f"{int(value.item()):016x}"
-
-
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_sharded(
@@ -125,17 +112,15 @@ def save_sharded(
     barrier(mesh)  # every shard is on disk before the index points at them
     index = target / INDEX_NAME
     if mesh.is_main:
-        _write_json_atomic(
-            index,
-            {
-                "format": _FORMAT,
-                "version": _VERSION,
-                "world_size": mesh.world_size,
-                "files": names,
-                "sharded": {key: node.layout.describe() for key, node in nodes},
-                "metadata": dict(metadata or {}),
-            },
-        )
+        contents = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "world_size": mesh.world_size,
+            "files": names,
+            "sharded": {key: node.layout.describe() for key, node in nodes},
+            "metadata": dict(metadata or {}),
+        }
+        write_atomic(index, lambda f: f.write(json.dumps(contents, indent=1).encode("utf-8")))
         for entry in os.scandir(target):
             if _SHARD_FILE.fullmatch(entry.name) and entry.name not in names:
                 Path(entry.path).unlink(missing_ok=True)
