@@ -26,7 +26,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +115,15 @@ def restore_run(
     state: Any,
     callbacks: Sequence[Callback],
     seed: str,
+    *,
+    read: Callable[[Any], Any] | None = None,
 ) -> tuple[Any, Position, torch.Tensor | None, tuple[str, ...], dict[str, float]]:
     """``(state, position, acc, metric_names, logged)`` from a fit checkpoint; loads callback states.
 
     ``state`` is the template: the result has its structure, dtypes and devices, and any
-    mismatch is refused naming each differing path.
+    mismatch is refused naming each differing path. ``read(template)`` loads the whole
+    checkpoint into the template (default: ``lf.load(path, like=template)``); a sharded
+    checkpoint written by another number of ranks passes one that reshards while loading.
     """
     path = Path(path)
     if not path.is_file():
@@ -131,7 +135,7 @@ def restore_run(
     template = pack(state, Position(), None if acc is None else torch.zeros_like(acc, device=device), None, [], "", 0.0)
     template["loop"] = {**template["loop"], "data_seed": "", "metrics": "", "logged": ""}
     template["callbacks"] = {k: "" for k in saved_cbs}
-    ckpt = load(path, like=template)
+    ckpt = load(path, like=template) if read is None else read(template)
     loop = ckpt["loop"]
     if loop["data_seed"] != seed:
         raise FitError(

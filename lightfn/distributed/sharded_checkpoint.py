@@ -256,7 +256,7 @@ def cut_full(full: Any, like: Any, mesh: Mesh, device: torch.device | str | None
         return ShardedParams(shard=flat, layout=x.layout.with_world_size(1))
 
     single = tree.map(one, like, full, is_leaf=_is_sharded)
-    return recut(single, like, mesh, device)
+    return _recut(single, like, mesh, device)
 
 
 def _load_gathered(file: Path, like: TrainState, mesh: Mesh, device: torch.device | str | None) -> TrainState:
@@ -265,9 +265,7 @@ def _load_gathered(file: Path, like: TrainState, mesh: Mesh, device: torch.devic
     return cut_full(full, like, mesh, device)
 
 
-def recut(single: Any, like: Any, mesh: Mesh, device: torch.device | str | None = None) -> Any:
-    """``single`` (a state whose :class:`ShardedParams` hold the whole flat vector, layout
-    for one rank) cut into this rank's slices, laid out like ``like``."""
+def _recut(single: Any, like: Any, mesh: Mesh, device: torch.device | str | None) -> TrainState:
     def place(x: Any, one: Any) -> Any:
         if _is_sharded(x):
             lo = mesh.rank * x.layout.shard_size

@@ -42,7 +42,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .. import tree
 from ..callbacks.base import Callback
 from ..data import ArrayLoader
 from ..loop import FitError, agree, is_main
@@ -55,7 +54,7 @@ from .data_parallel import RankFoldedLoss, _AverageGrads, data_parallel, reduce_
 from .fully_sharded import FullyShardedStep, ShardedParams, fully_sharded, shard_state, unshard_state
 from .mesh import Mesh, guard, init, require_launched, single_process_mesh
 from .rank_data import RankBatches, has_distributed_sampler
-from .sharded_checkpoint import INDEX_NAME, cut_full, full_template, read_index, recut, save_sharded
+from .sharded_checkpoint import INDEX_NAME, cut_full, full_template, load_sharded, read_index, save_sharded
 
 __all__ = ["Strategy", "Spread", "setup_strategy"]
 
@@ -264,8 +263,10 @@ class Spread:
             index = read_index(path)
             if index["world_size"] == mesh.world_size:
                 state, pos, acc, *rest = restore_run(path / index["files"][mesh.rank], state, callbacks, seed)
-            else:
-                state, pos, acc, *rest = _restore_resharded(path, index, state, callbacks, seed, mesh)
+            else:  # another number of ranks wrote it (e.g. an elastic restart on fewer nodes)
+                state, pos, acc, *rest = restore_run(
+                    path / index["files"][0], state, callbacks, seed, read=lambda like: load_sharded(path, like, mesh)
+                )
         elif self.fsdp:
             full, pos, acc, *rest = restore_run(path, full_template(state), callbacks, seed)
             state = cut_full(full, state, mesh)
@@ -307,39 +308,6 @@ class Spread:
     def finish(self, state: Any) -> Any:
         """The state fit returns: gathered again when fit sharded it (a collective)."""
         return unshard_state(state, self.mesh) if self.sharded_by_fit else state
-
-
-def _restore_resharded(
-    path: Path, index: Mapping[str, Any], state: Any, callbacks: Sequence[Callback], seed: str, mesh: Mesh
-) -> tuple[Any, ...]:
-    """Resume from a sharded folder another number of ranks wrote (e.g. an elastic restart
-    with fewer nodes): every saved shard is read, the full flat vectors reassembled, and this
-    rank's slice cut for the current mesh. The loop position is world-size independent
-    (batches are global), and the callback states and metric sums are rank 0's."""
-    old_world = int(index["world_size"])
-
-    def old_layout(x: Any) -> Any:
-        if not isinstance(x, ShardedParams):
-            return x
-        layout = x.layout.with_world_size(old_world)
-        return ShardedParams(shard=torch.zeros(layout.shard_size, dtype=x.shard.dtype, device=x.shard.device), layout=layout)
-
-    old_like = tree.map(old_layout, state, is_leaf=lambda x: isinstance(x, ShardedParams))
-    parts: list[Any] = []
-    for i in reversed(range(old_world)):  # file 0 last: its callback states are the ones kept
-        restored = restore_run(path / index["files"][i], old_like, callbacks, seed)
-        parts.insert(0, restored[0])
-    head = restored  # file 0's (state, pos, acc, names, logged)
-
-    def joined(like: Any, *shards: Any) -> Any:
-        if not isinstance(like, ShardedParams):
-            return shards[0]
-        flat = torch.cat([p.shard for p in shards])
-        return ShardedParams(shard=flat, layout=like.layout.with_world_size(1))
-
-    single = tree.map(joined, old_like, *parts, is_leaf=lambda x: isinstance(x, ShardedParams))
-    _log.info("resume: %s was written by %d ranks; resharded for %d", path, old_world, mesh.world_size)
-    return (recut(single, state, mesh), *head[1:])
 
 
 def setup_strategy(
