@@ -33,7 +33,7 @@ from .callbacks.lr_monitor import LearningRateMonitor
 from .callbacks.progress import ProgressBar
 from .data import iterate, num_batches
 from .loggers.base import Logger
-from .loop import (FitError, Plan, Position, batch_dtype, configure_steps, first_batches, is_main, make_plan,
+from .loop import (FitError, Plan, Position, batch_dtype, configure_steps, first_batches, make_plan,
                    positive, preemption_signal, resolve_device)
 from .resume import data_seed, pack
 from .runner import EvalRunner, TrainRunner, means, to_host
@@ -230,7 +230,7 @@ class _Loop:
                  ckpt_dir: Path | None, batch_dtype: torch.dtype | None, spread: Spread) -> None:
         self.plan, self.train, self.evaluate, self.state = plan, train, evaluate, state
         self.train_data, self.val_data, self.callbacks, self.loggers = train_data, val_data, callbacks, loggers
-        self.device, self.writes, self.ckpt_dir, self.main = device, writes, ckpt_dir, is_main()
+        self.device, self.writes, self.ckpt_dir, self.main = device, writes, ckpt_dir, spread.main
         self.batch_dtype, self.spread = batch_dtype, spread
         self.log_lr = not any(isinstance(cb, LearningRateMonitor) for cb in callbacks)
         self.pos, self.acc, self.metrics = Position(), None, {}
@@ -291,11 +291,11 @@ class _Loop:
         return (max_epochs is not None and self.pos.epoch >= max_epochs) or self.should_stop()
 
     def should_stop(self, elapsed: float | None = None) -> bool:
-        """Stop now? ``elapsed`` defaults to the shared clock when ranks vote (so every rank
-        answers alike between votes), else this process's own."""
+        """Stop now? ``elapsed`` defaults to :meth:`shared_elapsed` (so voting ranks answer
+        alike between votes)."""
         pos = self.pos
         if elapsed is None:
-            elapsed = self.elapsed() if self.clock is None else self.clock
+            elapsed = self.shared_elapsed()
         return (pos.stop_requested and self.plan.may_stop_early(pos)) or self.plan.out_of_budget(pos, elapsed)
 
     def batches(self) -> Any:
@@ -376,7 +376,7 @@ class _Loop:
         pos = self.pos
         return Context(state=self.state, step=pos.step, epoch=pos.epoch, batch_idx=pos.batch, stage=stage,
                        metrics={**self.metrics, **(extra or {})}, is_main=self.main,
-                       elapsed=self.elapsed() if self.clock is None else self.clock)
+                       elapsed=self.shared_elapsed())
 
     def save(self, path: str | os.PathLike[str], agreed: bool = True) -> None:
         """Write a checkpoint; ``agreed``: every rank saves this path now (see Spread.save)."""
@@ -405,6 +405,11 @@ class _Loop:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
+
+    def shared_elapsed(self) -> float:
+        """The elapsed time decisions are taken on: the ranks' shared clock when they vote,
+        else this process's own."""
+        return self.elapsed() if self.clock is None else self.clock
 
     def to_device(self, batch: Any) -> Any:
         first = next((x for x in tree.leaves(batch) if isinstance(x, torch.Tensor)), None)

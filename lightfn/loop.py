@@ -4,9 +4,9 @@
   validation schedule, stopping limits), validated with one clear message each.
 - :class:`Position`: where the loop is (epoch, batch in the epoch, steps, ...): host ints,
   saved in every fit checkpoint so a resumed run continues at the exact batch.
-- Device and process helpers: :func:`resolve_device`, :func:`is_main`, :func:`agree`
-  (the one place a distributed run makes every rank take the same stop decision), and
-  :func:`preemption_signal` (SIGTERM turned into a flag the loop polls between steps).
+- :func:`resolve_device`, and :func:`preemption_signal` (SIGTERM turned into a flag the
+  loop polls between steps; ranks agree on it and on stopping in
+  :meth:`lightfn.distributed.strategy.Spread.vote`).
 - What fit makes of its step and data arguments before looping: :func:`configure_steps`
   (precision, ``accumulate_grad_batches`` and ``gradient_clip_val`` applied to an
   ``lf.TrainStep``), :func:`first_batches` (``overfit_batches``), :func:`batch_dtype`.
@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from . import optim
 from .data import iterate, num_batches
@@ -34,7 +33,7 @@ from .errors import LightfnError
 from .step import EvalStep, TrainStep
 from .transforms import Jitted
 
-__all__ = ["FitError", "Plan", "Position", "make_plan", "resolve_device", "is_main", "agree", "preemption_signal",
+__all__ = ["FitError", "Plan", "Position", "make_plan", "resolve_device", "preemption_signal",
            "configure_steps", "first_batches", "batch_dtype", "positive"]
 
 
@@ -325,25 +324,6 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise FitError(f"device={device!r} is not a device ({e}); use 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'") from None
-
-
-def is_main() -> bool:
-    """True on the process that logs and writes files: rank 0, or the only process."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def agree(flags: tuple[bool, ...], device: torch.device) -> tuple[bool, ...]:
-    """Every rank's flags OR-ed together, so all ranks stop (or save) at the same step.
-
-    A no-op in a single process. Distributed, it is one small all-reduce on the default
-    group (on NCCL a host sync): fit uses it each step only for a process group the user set
-    up without a strategy; with ``strategy=`` ranks vote on a CPU control group instead.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return flags
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return tuple(bool(v) for v in t.tolist())
 
 
 @contextlib.contextmanager

@@ -90,8 +90,9 @@ def test_a_given_bar_is_used_instead_of_a_default_one():
 
 
 def test_nothing_is_drawn_on_other_ranks(monkeypatch, capsys):
-    # fit asks lightfn.loop.is_main() which process logs; pretend this one is rank 1
-    monkeypatch.setattr(sys.modules["lightfn.fit"], "is_main", lambda: False)
+    # fit asks lightfn.distributed.mesh.is_main() (through its Spread) which process logs;
+    # pretend this one is rank 1
+    monkeypatch.setattr(sys.modules["lightfn.distributed.strategy"], "is_main", lambda: False)
     stream = io.StringIO()
     run(progress=True, callbacks=[ProgressBar(total=4, file=stream)])
     assert stream.getvalue() == "" and capsys.readouterr().out == ""

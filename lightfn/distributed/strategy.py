@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from ..callbacks.base import Callback
 from ..data import ArrayLoader
-from ..loop import FitError, agree, is_main
+from ..loop import FitError
 from ..resume import restore_run, save_run
 from ..state import TrainState
 from ..step import EvalStep, TrainStep
@@ -52,7 +52,7 @@ from ..transforms import Jitted
 from .collectives import all_gather_flat
 from .data_parallel import RankFoldedLoss, _AverageGrads, data_parallel, reduce_metrics, replicate_state
 from .fully_sharded import FullyShardedStep, ShardedParams, fully_sharded, shard_state, unshard_state
-from .mesh import Mesh, guard, init, require_launched, single_process_mesh
+from .mesh import Mesh, guard, init, is_main, require_launched, single_process_mesh
 from .rank_data import RankBatches, has_distributed_sampler
 from .sharded_checkpoint import INDEX_NAME, cut_full, full_template, load_sharded, read_index, save_sharded
 
@@ -194,25 +194,29 @@ class Spread:
 
     @property
     def voting(self) -> bool:
-        """Ranks vote each step (:meth:`vote`): a fit with a strategy over several processes."""
-        return self.active and self.control is not None
+        """Ranks vote each step on a shared control group: a fit with a strategy over several
+        processes (the control group exists exactly then)."""
+        return self.control is not None
 
     def vote(self, flags: tuple[bool, ...], elapsed: float, device: torch.device) -> tuple[tuple[bool, ...], float]:
         """Every rank's flags OR-ed, and the largest of their clocks (``elapsed``), so all
         ranks stop, save on SIGTERM, and take time-based decisions (``max_time``,
         ``ModelCheckpoint(train_time_interval=...)``) at the same step. fit calls it once per
         step. With :attr:`voting` it is one CPU all-reduce over the ``control`` gloo group (no
-        wait on the GPU stream); without a strategy, :func:`lightfn.loop.agree` over whatever
-        process group the user set up, with this rank's own clock."""
-        if not self.active:
-            return agree(flags, device), elapsed
-        if self.control is None:  # one process: nothing to agree on
+        wait on the GPU stream). Without a strategy but in a process group the user set up
+        (a hand-written distributed step), the flags are OR-ed over that default group on
+        ``device`` and each rank keeps its own clock. Otherwise nothing to agree on."""
+        if self.voting:
+            group, on = self.control, torch.device("cpu")
+        elif not self.active and dist.is_available() and dist.is_initialized():
+            group, on = None, device
+        else:
             return flags, elapsed
-        t = torch.tensor([*(float(f) for f in flags), elapsed], dtype=torch.float64)
+        t = torch.tensor([*(float(f) for f in flags), elapsed], dtype=torch.float64, device=on)
         with guard(self.mesh, "agreeing on when to stop"):
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         *agreed, clock = t.tolist()
-        return tuple(bool(v) for v in agreed), clock
+        return tuple(bool(v) for v in agreed), clock if self.voting else elapsed
 
     def mean(self, metrics: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """Step metrics averaged over ranks (a collective: at log points only)."""
