@@ -31,6 +31,7 @@ import torch
 
 from . import tree
 from .errors import CompileError, LightfnError, StepError, TreeError
+from .step import describe
 from .transforms import Jitted, jit
 
 __all__ = ["TrainRunner", "EvalRunner", "batch_size", "means", "to_host"]
@@ -75,29 +76,21 @@ def to_host(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- checks
 
 
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
-    if isinstance(x, tuple):
-        return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
-    return f"a {type(x).__name__}"
-
-
 def check_metrics(metrics: Any, who: str) -> tuple[str, ...]:
     """The metric names, after checking ``metrics`` is a dict of scalar real tensors."""
     if not isinstance(metrics, Mapping):
-        raise StepError(f"the {who} must return its metrics as a dict of scalar tensors, got {_describe(metrics)}")
+        raise StepError(f"the {who} must return its metrics as a dict of scalar tensors, got {describe(metrics)}")
     for name, value in metrics.items():
         if not isinstance(name, str):
             raise StepError(f"the {who} returned a metric named {name!r}; metric names must be strings")
         if not isinstance(value, torch.Tensor):
             raise StepError(
-                f"metric {name!r} of the {who} is {_describe(value)}, not a tensor; return a 0-d tensor "
+                f"metric {name!r} of the {who} is {describe(value)}, not a tensor; return a 0-d tensor "
                 "(a Python number would force a host sync or be baked into the compiled graph)"
             )
         if value.numel() != 1 or value.is_complex():
             raise StepError(
-                f"metric {name!r} of the {who} is {_describe(value)}; metrics must be real scalars: reduce it "
+                f"metric {name!r} of the {who} is {describe(value)}; metrics must be real scalars: reduce it "
                 "(e.g. .mean()) before returning it"
             )
     return tuple(metrics)
@@ -106,7 +99,7 @@ def check_metrics(metrics: Any, who: str) -> tuple[str, ...]:
 def check_train_output(out: Any, state: Any) -> tuple[Any, tuple[str, ...]]:
     """``(new_state, names)`` after checking a train step's return value against ``state``."""
     if not (isinstance(out, tuple) and len(out) == 2):
-        raise StepError(f"the train step must return (new_state, metrics_dict), got {_describe(out)}")
+        raise StepError(f"the train step must return (new_state, metrics_dict), got {describe(out)}")
     new_state, metrics = out
     try:
         tree.assert_same_structure(state, new_state, what="the state returned by the train step", check_shapes=True)

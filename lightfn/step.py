@@ -76,7 +76,7 @@ def _split_output(out: Any, with_state: bool) -> tuple[Any, dict[str, Any], Any]
         if not (isinstance(out, tuple) and len(out) == 3):
             raise StepError(
                 "with with_state=True, loss_fn(params, buffers, batch) must return (loss, metrics, new_buffers), "
-                f"got {_describe(out)}"
+                f"got {describe(out)}"
             )
         loss, metrics, new_buffers = out
     elif isinstance(out, tuple):
@@ -86,24 +86,26 @@ def _split_output(out: Any, with_state: bool) -> tuple[Any, dict[str, Any], Any]
     else:
         loss, metrics, new_buffers = out, {}, None
     if not isinstance(loss, torch.Tensor):
-        raise StepError(f"loss_fn must return a scalar loss tensor (or (loss, metrics)), got {_describe(loss)}")
+        raise StepError(f"loss_fn must return a scalar loss tensor (or (loss, metrics)), got {describe(loss)}")
     if loss.numel() != 1:
         raise StepError(f"loss_fn returned a loss of shape {tuple(loss.shape)}; it must be a scalar: reduce it (e.g. .mean())")
     if metrics is None:
         metrics = {}
     if not isinstance(metrics, Mapping):
-        raise StepError(f"loss_fn's metrics must be a dict of scalars, got {_describe(metrics)}")
+        raise StepError(f"loss_fn's metrics must be a dict of scalars, got {describe(metrics)}")
     for name, value in metrics.items():
         if not isinstance(name, str):
             raise StepError(f"metric names must be strings, got {name!r}")
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            raise StepError(f"metric {name!r} must be a scalar tensor, got {_describe(value)}")
+            raise StepError(f"metric {name!r} must be a scalar tensor, got {describe(value)}")
     return loss, dict(metrics), new_buffers
 
 
-def _describe(x: Any) -> str:
+def describe(x: Any) -> str:
+    """A value as an error message names it: ``a tensor of shape (3,) float32``, ``a tuple
+    of 2 (Tensor, dict)``, ``a list``. (Shared by the step and fit's output checks.)"""
     if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)}"
+        return f"a tensor of shape {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
     if isinstance(x, tuple):
         return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
     return f"a {type(x).__name__}"
