@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from . import tree
 from .callbacks.base import Callback
 from .callbacks.early_stopping import decode_float, encode_float
 from .checkpoint import load, save
@@ -131,7 +132,7 @@ def restore_run(
     loop = load(path, subtree="loop")
     saved_cbs = load(path, subtree="callbacks")
     acc = loop["acc"]
-    device = next((x.device for x in _tensors(state)), torch.device("cpu"))
+    device = tree.device_of(state)
     template = pack(state, Position(), None if acc is None else torch.zeros_like(acc, device=device), None, [], "", 0.0)
     template["loop"] = {**template["loop"], "data_seed": "", "metrics": "", "logged": ""}
     template["callbacks"] = {k: "" for k in saved_cbs}
@@ -159,9 +160,3 @@ def restore_run(
     )
     logged = {k: decode_float(v) for k, v in json.loads(loop["logged"]).items()}
     return _unpack_state(state, ckpt), pos, loop["acc"], tuple(json.loads(loop["metrics"])), logged
-
-
-def _tensors(tree_: Any) -> list[torch.Tensor]:
-    from . import tree
-
-    return [x for x in tree.leaves(tree_) if isinstance(x, torch.Tensor)]

@@ -142,11 +142,6 @@ def _check_acc(acc: torch.Tensor | None, names: tuple[str, ...], expected: tuple
     return acc
 
 
-def _device_of(x: Any) -> torch.device:
-    lvs = [v for v in tree.leaves(x) if isinstance(v, torch.Tensor)]
-    return lvs[0].device if lvs else torch.device("cpu")
-
-
 # ----------------------------------------------------------------------------- runners
 
 
@@ -183,12 +178,12 @@ class TrainRunner:
     def _first(self, state: Any, acc: torch.Tensor | None, batch: Any) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
         if self.fused:
             _, self.names = check_train_output(abstract_eval(self.step, state, batch), state)
-            acc = _check_acc(acc, self.names, self.expected_names, _device_of(state))
+            acc = _check_acc(acc, self.names, self.expected_names, tree.device_of(state))
             self._compiled = jit(functools.partial(_train_and_accumulate, self.step, self.names), donate=True)
             return self._compiled(state, acc, batch)
         out = self.step(state, batch)
         new_state, names = check_train_output(out, state)
-        acc = _check_acc(acc, names, self.expected_names, _device_of(new_state))
+        acc = _check_acc(acc, names, self.expected_names, tree.device_of(new_state))
         self.names = names
         acc.add_(_vector(out[1], names, acc), alpha=batch_size(batch))
         return new_state, acc, out[1]
@@ -213,7 +208,7 @@ class EvalRunner:
             if self.names is None:
                 return self._first(state, acc, batch)
             if acc is None:  # a new validation run
-                acc = _check_acc(None, self.names, None, _device_of(state))
+                acc = _check_acc(None, self.names, None, tree.device_of(state))
             if self._compiled is not None:
                 return self._compiled(state, acc, batch)
             acc.add_(_vector(self.step(state, batch), self.names, acc), alpha=batch_size(batch))
@@ -223,10 +218,10 @@ class EvalRunner:
         if self.fused:
             self.names = check_metrics(abstract_eval(self.step, state, batch), "eval step")
             self._compiled = jit(functools.partial(_eval_and_accumulate, self.step, self.names))
-            return self._compiled(state, _check_acc(acc, self.names, None, _device_of(state)), batch)
+            return self._compiled(state, _check_acc(acc, self.names, None, tree.device_of(state)), batch)
         metrics = self.step(state, batch)
         self.names = check_metrics(metrics, "eval step")
-        acc = _check_acc(acc, self.names, None, _device_of(state))
+        acc = _check_acc(acc, self.names, None, tree.device_of(state))
         acc.add_(_vector(metrics, self.names, acc), alpha=batch_size(batch))
         return acc
 

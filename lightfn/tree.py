@@ -45,6 +45,7 @@ __all__ = [
     "ones_like",
     "cast",
     "to_device",
+    "device_of",
     "size",
     "where",
     "assert_same_structure",
@@ -183,6 +184,15 @@ def to_device(tree: PyTree, device: torch.device | str | None, *, non_blocking: 
         return tree
     device = torch.device(device)
     return map(lambda x: x.to(device, non_blocking=non_blocking) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def device_of(tree: PyTree) -> torch.device:
+    """The device of the first tensor leaf (CPU when there is none): where state that lives
+    beside ``tree`` (step counters, metric sums) belongs."""
+    for leaf in leaves(tree):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return torch.device("cpu")
 
 
 def where(cond: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:

@@ -21,7 +21,6 @@ __all__ = [
     "check_params",
     "check_match",
     "tensor_leaves",
-    "device_of",
     "scalar_dtype",
     "zero_count",
 ]
@@ -133,14 +132,6 @@ def tensor_leaves(tree: Any) -> list[torch.Tensor]:
     return out
 
 
-def device_of(params: Any) -> torch.device:
-    """The device of the first tensor leaf (counters live next to the params)."""
-    for leaf in _tree.leaves(params):
-        if isinstance(leaf, torch.Tensor):
-            return leaf.device
-    return torch.device("cpu")
-
-
 def scalar_dtype(device: torch.device) -> torch.dtype:
     """dtype for scalar hyperparameter math (bias corrections, schedules): float64 keeps
     float64 training bit-close to torch.optim's Python-float math; MPS has no float64."""
@@ -167,4 +158,4 @@ def once_per_step(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def zero_count(params: Any) -> torch.Tensor:
     """A fresh step counter: a 0-d int64 tensor on the params' device."""
-    return torch.zeros((), dtype=torch.int64, device=device_of(params))
+    return torch.zeros((), dtype=torch.int64, device=_tree.device_of(params))
