@@ -68,6 +68,15 @@ def _check_int(name: str, value: Any, *, minimum: int) -> int:
     return value
 
 
+def rank_span(rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s ``[lo, hi)`` rows of a global batch of ``rows`` rows split over
+    ``world_size`` ranks: as evenly as possible (the first ``rows % world_size`` ranks get
+    one row more), which for a divisible batch is exactly ``[r*b/w, (r+1)*b/w)``."""
+    q, rem = divmod(rows, world_size)
+    lo = rank * q + min(rank, rem)
+    return lo, lo + q + (1 if rank < rem else 0)
+
+
 class ArrayLoader:
     """Batches of a pytree of tensors that share their leading dimension ``N``.
 
@@ -232,14 +241,8 @@ class ArrayLoader:
         return self._batches(epoch, start)
 
     def _local_span(self, global_rows: int) -> tuple[int, int]:
-        """This rank's ``[lo, hi)`` rows of a global batch with ``global_rows`` rows.
-
-        Splits as evenly as possible (the first ``global_rows % world_size`` ranks get one
-        row more), which for a full batch is exactly ``[r*b/w, (r+1)*b/w)``.
-        """
-        q, rem = divmod(global_rows, self._world_size)
-        lo = self._rank * q + min(self._rank, rem)
-        return lo, lo + q + (1 if self._rank < rem else 0)
+        """This rank's ``[lo, hi)`` rows of a global batch with ``global_rows`` rows."""
+        return rank_span(global_rows, self._rank, self._world_size)
 
     def _batches(self, epoch: int, start: int) -> Iterator[Any]:
         n_batches = len(self)

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from .. import tree
-from ..data import num_batches
+from ..data import num_batches, rank_span
 from ..errors import DistributedError
 
 __all__ = ["RankBatches", "has_distributed_sampler"]
@@ -33,10 +33,8 @@ def _split_rows(batch: Any, rank: int, world: int, what: str) -> Any:
             f"a batch of {what} has {n} rows, fewer than the {world} ranks, so a rank would get none; use "
             "drop_last=True or a batch size that is a multiple of the world size"
         )
-    q, rem = divmod(n, world)
-    lo = rank * q + min(rank, rem)
-    rows = q + (1 if rank < rem else 0)
-    return tree.map(lambda x: x.narrow(0, lo, rows) if isinstance(x, torch.Tensor) and x.dim() else x, batch)
+    lo, hi = rank_span(n, rank, world)
+    return tree.map(lambda x: x.narrow(0, lo, hi - lo) if isinstance(x, torch.Tensor) and x.dim() else x, batch)
 
 
 class RankBatches:
