@@ -12,7 +12,7 @@ from .errors import CheckpointError, CompileError, DistributedError, ExportError
 from .checkpoint import load, read_metadata, save
 from .export import export, export_aot, export_onnx
 from .fit import fit
-from .loop import FitError
+from .errors import FitError
 from .module import functionalize
 from .predict import predict
 from .state import LossScale, TrainState

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from . import tree as _tree
-from .errors import LightfnError
+from .errors import DataError
 
 __all__ = ["DataError", "ArrayLoader", "iterate", "num_batches"]
 
@@ -47,10 +47,6 @@ _CHUNK_BYTES = 2 << 20
 # Mixes (seed, epoch) into one 64-bit generator seed (splitmix64 constants), so nearby
 # seeds and epochs give unrelated permutations.
 _MASK64 = (1 << 64) - 1
-
-
-class DataError(LightfnError, ValueError):
-    """A dataset or loader argument is unusable (empty data, mismatched lengths, bad sizes)."""
 
 
 def _mix_seed(seed: int, epoch: int) -> int:

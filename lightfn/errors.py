@@ -3,10 +3,17 @@
 Every error lightfn raises on bad input derives from :class:`LightfnError`, so a caller
 can catch them all in one place; the subclasses say which part of the library refused.
 They also derive from the builtin a Python user would expect (``ValueError``/``TypeError``)
-so code written against plain PyTorch keeps catching them.
+so code written against plain PyTorch keeps catching them. The one exception that is not
+an error, :class:`Preempted`, is a clean ``SystemExit`` that ``fit`` raises after a SIGTERM.
+
+Every exception type lightfn defines lives here (the modules that raise one re-export it
+where it was always importable from, e.g. ``lf.optim.StateMismatchError``).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 __all__ = [
     "LightfnError",
@@ -16,6 +23,14 @@ __all__ = [
     "CheckpointError",
     "ExportError",
     "DistributedError",
+    "FitError",
+    "Preempted",
+    "DataError",
+    "LoggerError",
+    "MisconfigurationError",
+    "NonFiniteLossError",
+    "StateMismatchError",
+    "OptimizerConfigError",
 ]
 
 
@@ -45,3 +60,62 @@ class ExportError(LightfnError, RuntimeError):
 
 class DistributedError(LightfnError, RuntimeError):
     """The process group or the sharded step is misconfigured."""
+
+
+class FitError(LightfnError, ValueError):
+    """An argument of ``lf.fit`` does not fit the run (bad flag value, empty data...)."""
+
+
+class Preempted(SystemExit):
+    """Raised by ``fit`` after a SIGTERM once ``last.safetensors`` is written.
+
+    A ``SystemExit`` with code 0: an uncaught one ends the process cleanly (the job
+    scheduler can requeue it and the next run resumes with ``resume_from="last"``); catch
+    it to do something else. ``checkpoint`` is the file written (``None`` if nowhere to).
+    Callbacks see it in ``on_exception`` (not ``on_fit_end``: training did not end).
+    """
+
+    def __init__(self, checkpoint: Path | None) -> None:
+        super().__init__(0)
+        self.checkpoint = checkpoint
+
+
+class DataError(LightfnError, ValueError):
+    """A dataset or loader argument is unusable (empty data, mismatched lengths, bad sizes)."""
+
+
+class LoggerError(LightfnError, ValueError):
+    """A value handed to a logger cannot be logged (a tensor metric, a bad image...)."""
+
+
+class MisconfigurationError(LightfnError, ValueError):
+    """A callback's arguments do not fit the run (unknown monitor name, bad duration...)."""
+
+
+class NonFiniteLossError(LightfnError, FloatingPointError):
+    """A monitored metric became NaN or infinite: training diverged."""
+
+
+class StateMismatchError(StepError):
+    """An optimizer state was built by a different optimizer than the one updating it.
+
+    ``path`` is where in the optimizer state the wrong piece sits; composite transforms
+    (chain, masked, multi_transform, multi_steps) prepend their part of the path as the
+    error travels up, so the message names the exact sub-state.
+    """
+
+    def __init__(self, detail: str, path: tuple[Any, ...] = ()) -> None:
+        # Imported here: tree imports this module, so a top-level import would be circular.
+        from .tree import keystr
+
+        self.detail = detail
+        self.path = path
+        super().__init__(f"{keystr(path, root='opt_state')}: {detail}")
+
+    def prefixed(self, *keys: Any) -> StateMismatchError:
+        """The same error, located one level further down from the root."""
+        return StateMismatchError(self.detail, tuple(keys) + self.path)
+
+
+class OptimizerConfigError(LightfnError, ValueError):
+    """An optimizer hyperparameter is out of its valid range (e.g. a negative learning rate)."""

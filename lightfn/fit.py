@@ -32,6 +32,7 @@ from .callbacks.checkpoint import ModelCheckpoint
 from .callbacks.lr_monitor import LearningRateMonitor
 from .callbacks.progress import ProgressBar
 from .data import iterate, num_batches
+from .errors import Preempted
 from .loggers.base import Logger
 from .loop import (FitError, Plan, Position, batch_dtype, configure_steps, first_batches, make_plan,
                    positive, preemption_signal, resolve_device)
@@ -43,20 +44,6 @@ from .distributed.strategy import Spread, Strategy, setup_strategy
 __all__ = ["fit", "Preempted", "FitError"]
 
 _log = logging.getLogger("lightfn.fit")
-
-
-class Preempted(SystemExit):
-    """Raised by ``fit`` after a SIGTERM once ``last.safetensors`` is written.
-
-    A ``SystemExit`` with code 0: an uncaught one ends the process cleanly (the job
-    scheduler can requeue it and the next run resumes with ``resume_from="last"``); catch
-    it to do something else. ``checkpoint`` is the file written (``None`` if nowhere to).
-    Callbacks see it in ``on_exception`` (not ``on_fit_end``: training did not end).
-    """
-
-    def __init__(self, checkpoint: Path | None) -> None:
-        super().__init__(0)
-        self.checkpoint = checkpoint
 
 
 def fit(

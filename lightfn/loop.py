@@ -29,16 +29,12 @@ import torch
 
 from . import optim
 from .data import iterate, num_batches
-from .errors import LightfnError
+from .errors import FitError, LightfnError
 from .step import EvalStep, TrainStep
 from .transforms import Jitted
 
 __all__ = ["FitError", "Plan", "Position", "make_plan", "resolve_device", "preemption_signal",
            "configure_steps", "first_batches", "batch_dtype", "positive"]
-
-
-class FitError(LightfnError, ValueError):
-    """An argument of ``lf.fit`` does not fit the run (bad flag value, empty data...)."""
 
 
 # ----------------------------------------------------------------------------- the plan

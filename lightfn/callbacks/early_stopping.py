@@ -27,16 +27,12 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from ..errors import LightfnError
+from ..errors import MisconfigurationError
 from .base import Callback, Context, Signal
 
 __all__ = ["EarlyStopping", "MisconfigurationError"]
 
 _log = logging.getLogger(__name__)
-
-
-class MisconfigurationError(LightfnError, ValueError):
-    """A callback's arguments do not fit the run (unknown monitor name, bad duration...)."""
 
 
 def missing_metric_error(

@@ -18,15 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from ..errors import LightfnError
+from ..errors import NonFiniteLossError
 from .base import Callback, Context, Signal
 from .early_stopping import MisconfigurationError
 
 __all__ = ["TerminateOnNaN", "NonFiniteLossError"]
-
-
-class NonFiniteLossError(LightfnError, FloatingPointError):
-    """A monitored metric became NaN or infinite: training diverged."""
 
 
 class TerminateOnNaN(Callback):

@@ -23,13 +23,9 @@ from typing import Any
 
 import torch
 
-from ..errors import LightfnError
+from ..errors import LoggerError
 
 __all__ = ["Logger", "LoggerError"]
-
-
-class LoggerError(LightfnError, ValueError):
-    """A value handed to a logger cannot be logged (a tensor metric, a bad image...)."""
 
 
 class Logger(abc.ABC):

@@ -12,7 +12,7 @@ import optree
 import torch
 
 from .. import tree as _tree
-from ..errors import LightfnError, StepError, TreeError
+from ..errors import OptimizerConfigError, StateMismatchError, StepError, TreeError
 
 __all__ = [
     "StateMismatchError",
@@ -24,28 +24,6 @@ __all__ = [
     "scalar_dtype",
     "zero_count",
 ]
-
-
-class StateMismatchError(StepError):
-    """An optimizer state was built by a different optimizer than the one updating it.
-
-    ``path`` is where in the optimizer state the wrong piece sits; composite transforms
-    (chain, masked, multi_transform, multi_steps) prepend their part of the path as the
-    error travels up, so the message names the exact sub-state.
-    """
-
-    def __init__(self, detail: str, path: tuple[Any, ...] = ()) -> None:
-        self.detail = detail
-        self.path = path
-        super().__init__(f"{_tree.keystr(path, root='opt_state')}: {detail}")
-
-    def prefixed(self, *keys: Any) -> StateMismatchError:
-        """The same error, located one level further down from the root."""
-        return StateMismatchError(self.detail, tuple(keys) + self.path)
-
-
-class OptimizerConfigError(LightfnError, ValueError):
-    """An optimizer hyperparameter is out of its valid range (e.g. a negative learning rate)."""
 
 
 def _describe_state_type(cls: type) -> str:
