@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ._diagnostics import keystr
+
 __all__ = [
     "LightfnError",
     "TreeError",
@@ -105,9 +107,6 @@ class StateMismatchError(StepError):
     """
 
     def __init__(self, detail: str, path: tuple[Any, ...] = ()) -> None:
-        # Imported here: tree imports this module, so a top-level import would be circular.
-        from .tree import keystr
-
         self.detail = detail
         self.path = path
         super().__init__(f"{keystr(path, root='opt_state')}: {detail}")

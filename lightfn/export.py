@@ -16,25 +16,18 @@ are its replacements.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import functools
 import importlib
-import inspect
-import io
 import os
 import pathlib
-import re
-import sys
-import sysconfig
-import traceback
-import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from . import tree
+from ._diagnostics import first_line
+from ._export_diagnostics import check_runs_at_batch_one, check_tensors, explain_trace_failure, refuse_item, watch_side_effects
 from .errors import ExportError
 
 __all__ = ["export", "export_onnx", "export_aot"]
@@ -82,11 +75,11 @@ def export(
             side effects, a batch size fixed in the code), or an example input is not a
             tensor; the message says why and what to change, the torch error is chained.
     """
-    _check_tensors(example_args, "example_args")
+    check_tensors(example_args, "example_args")
     if params_as_inputs and params is None:
         raise ExportError("params_as_inputs=True lifts params to program inputs: pass them as params=..., with fn(params, *args)")
     if params is not None:
-        _check_tensors(params, "params")
+        check_tensors(params, "params")
     trace_args, batch_was_one = _trace_args(example_args, dynamic_batch)
 
     if params is None:
@@ -108,9 +101,9 @@ def export(
             dynamic_shapes = (arg_shapes,)
 
     program = _trace(fn, module, inputs, dynamic_shapes, strict)
-    _refuse_item(fn, program)
+    refuse_item(fn, program)
     if batch_was_one:
-        _check_runs_at_batch_one(fn, program, (params, *example_args) if isinstance(module, _CallWithParams) else example_args)
+        check_runs_at_batch_one(fn, program, (params, *example_args) if isinstance(module, _CallWithParams) else example_args)
     return program
 
 
@@ -154,7 +147,7 @@ def export_onnx(
             opset_version=opset_version,
         )
     except Exception as e:
-        raise ExportError(f"torch.onnx could not convert the exported program: {_first_line(e)}") from e
+        raise ExportError(f"torch.onnx could not convert the exported program: {first_line(e)}") from e
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx_program.save(str(path))
     if dynamic_batch:
@@ -198,7 +191,7 @@ def export_aot(
     try:
         out = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     except Exception as e:
-        raise ExportError(f"AOTInductor could not compile the program (is a C++ compiler installed?): {_first_line(e)}") from e
+        raise ExportError(f"AOTInductor could not compile the program (is a C++ compiler installed?): {first_line(e)}") from e
     return pathlib.Path(out)
 
 
@@ -221,16 +214,6 @@ class _CallWithParams(_Call):
 
     def forward(self, params: Any, *args: Any) -> Any:  # type: ignore[override]
         return self.fn(params, *args)
-
-
-def _check_tensors(args: Any, root: str) -> None:
-    for path, leaf in tree.leaves_with_path(args):
-        if not isinstance(leaf, torch.Tensor):
-            raise ExportError(
-                f"{tree.keystr(path, root)} has type {type(leaf).__name__}, not a tensor: every example input "
-                "(and params leaf) must be a tensor or a pytree of tensors. Close over other values "
-                "instead, e.g. export(lambda x: fn(x, 3), x)."
-            )
 
 
 def _trace_args(example_args: tuple[Any, ...], dynamic_batch: bool) -> tuple[tuple[Any, ...], bool]:
@@ -262,150 +245,11 @@ def _trace_args(example_args: tuple[Any, ...], dynamic_batch: bool) -> tuple[tup
 
 
 def _trace(fn: Any, module: torch.nn.Module, inputs: tuple[Any, ...], dynamic_shapes: Any, strict: bool) -> torch.export.ExportedProgram:
-    out, err = io.StringIO(), io.StringIO()
-    before = _container_sizes(fn)
-    try:
-        # torch prints partial graphs to stderr on failure; keep them out of the user's way
-        # (the chained exception keeps the whole story) and watch stdout for prints in fn.
-        with torch.no_grad(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            program = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=strict)
-    except Exception as e:
-        raise ExportError(_explain(fn, e, strict)) from e
-    sys.stderr.write(err.getvalue())  # warnings raised while tracing a good function
-    if out.getvalue():
-        line = out.getvalue().strip().splitlines()[0] if out.getvalue().strip() else ""
-        raise ExportError(
-            f"{_name(fn)} printed while being traced ({line[:60]!r}): print and other Python side effects run "
-            "once at export time and are not part of the exported program. Move them out of the "
-            "function (print its outputs instead)."
-        )
-    for name, obj, size in before:
-        if len(obj) != size:
-            raise ExportError(
-                f"{_name(fn)} changed {name!r} (a {type(obj).__name__}, {size} -> {len(obj)} items) while being "
-                "traced: side effects such as appending to a list run once at export time and are not "
-                "part of the exported program. Return the value as an output instead."
-            )
-    return program
-
-
-def _refuse_item(fn: Any, program: torch.export.ExportedProgram) -> None:
-    """``.item()`` traces (into an unbacked symbol) but means a host sync and a Python
-    number inside a deployed graph, which ONNX and most runtimes refuse: say so now."""
-    item_ops = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default}
-    for node in program.graph.nodes:
-        if node.op == "call_function" and node.target in item_ops:
-            at = _user_frame_in_stack(node.meta.get("stack_trace") or "")
-            raise ExportError(
-                f"{_name(fn)} calls .item(){at}: it turns a tensor into a Python number, a host sync that "
-                "an exported graph cannot keep. Keep the value a tensor (x * s, not x * s.item()); "
-                "use torch.where(cond, a, b) or torch.cond(pred, true_fn, false_fn, operands) to branch."
-            )
-
-
-def _check_runs_at_batch_one(fn: Any, program: torch.export.ExportedProgram, args: tuple[Any, ...]) -> None:
-    try:
-        with torch.no_grad():
-            program.module()(*args)
-    except Exception as e:
-        raise ExportError(
-            f"{_name(fn)} was traced at batch 2 (a batch of 1 would be fixed as a constant by torch.export) "
-            f"but the program fails at batch 1: {_first_line(e)}. Give an example batch of 2 or more, or "
-            "pass dynamic_batch=False."
-        ) from e
-
-
-def _explain(fn: Any, e: BaseException, strict: bool) -> str:
-    """One or two lines: why ``fn`` could not be traced and what to change."""
-    msg = str(e)
-    low = msg.lower()
-    at = _user_frame(e)
-    if "data-dependent" in low or "data dependent" in low:
-        return (
-            f"{_name(fn)} cannot be traced: it uses a tensor's value in Python control flow{at} "
-            "(if/while/bool()/int()/.item() on a tensor), but an exported program is one graph for "
-            "every input. Use torch.where(cond, a, b) to choose values, or "
-            "torch.cond(pred, true_fn, false_fn, operands) to choose branches."
-        )
-    if "constraints violated" in low or "specialized" in low:
-        return (
-            f"{_name(fn)} fixes the batch size{at} (e.g. x.view(2, -1), or a size from x.shape reused as a "
-            "constant), so dim 0 cannot be dynamic. Write shapes with -1 or x.shape[0] "
-            "(x.reshape(x.shape[0], -1)), or pass dynamic_batch=False."
-        )
-    return (
-        f"torch.export could not trace {_name(fn)}{at}: {_first_line(e)}. Try strict={not strict} "
-        "or simplify the function; torch's full report is the chained exception."
-    )
-
-
-def _user_frame(e: BaseException) -> str:
-    """`` at file.py:7 `if x.sum() > 0:` `` for the innermost frame outside torch,
-    lightfn and the standard library (empty if none, e.g. under strict tracing)."""
-    frames = [(f.filename, f.lineno, f.line or "") for f in traceback.extract_tb(e.__traceback__)]
-    return _format_user_frame(frames)
-
-
-def _user_frame_in_stack(stack_trace: str) -> str:
-    """Same as :func:`_user_frame`, from the stack trace text torch keeps on graph nodes."""
-    frames = [(m[1], int(m[2]), m[3]) for m in re.finditer(r'File "([^"]+)", line (\d+), in \S+\n([^\n]*)', stack_trace)]
-    return _format_user_frame(frames)
-
-
-def _format_user_frame(frames: list[tuple[str, int | None, str]]) -> str:
-    skip = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep, sysconfig.get_paths()["stdlib"] + os.sep)
-    mine = [f for f in frames if not f[0].startswith(skip)]
-    if not mine:
-        return ""
-    filename, lineno, line = mine[-1]
-    code = f" `{line.strip()}`" if line.strip() else ""
-    return f" at {os.path.basename(filename)}:{lineno}{code}"
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
-
-
-def _name(fn: Any) -> str:
-    if isinstance(fn, functools.partial):
-        return _name(fn.func)
-    if isinstance(fn, (types.FunctionType, types.MethodType)) and fn.__name__ != "<lambda>":
-        return f"function {fn.__qualname__!r}"
-    if isinstance(fn, torch.nn.Module):
-        return f"module {type(fn).__name__}"
-    return "the function"
-
-
-_MUTABLE = (list, dict, set, bytearray, collections.deque)
-
-
-def _container_sizes(fn: Any, depth: int = 3) -> list[tuple[str, Any, int]]:
-    """(name, object, len) of the lists/dicts/sets ``fn`` (and the Python functions it
-    calls by name, a few levels deep) can reach through globals and closures, to notice
-    appends made while tracing."""
-    found: dict[int, tuple[str, Any, int]] = {}
-    seen: set[int] = set()
-
-    def visit(f: Any, level: int) -> None:
-        if isinstance(f, functools.partial):
-            visit(f.func, level)
-            return
-        if not isinstance(f, (types.FunctionType, types.MethodType)) or id(f) in seen or level > depth:
-            return
-        seen.add(id(f))
+    with torch.no_grad(), watch_side_effects(fn):
         try:
-            cv = inspect.getclosurevars(f)
-        except (TypeError, ValueError):
-            return
-        for name, value in {**cv.globals, **cv.nonlocals}.items():
-            if isinstance(value, _MUTABLE):
-                found[id(value)] = (name, value, len(value))
-            elif isinstance(value, (types.FunctionType, functools.partial)):
-                visit(value, level + 1)
-
-    visit(fn, 0)
-    return list(found.values())
+            return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=strict)
+        except Exception as e:
+            raise ExportError(explain_trace_failure(fn, e, strict)) from e
 
 
 def _batch_symbol(program: torch.export.ExportedProgram) -> str | None:

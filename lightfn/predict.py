@@ -15,19 +15,11 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from . import tree
+from ._device import default_device, resolve_device
 from .data import ArrayLoader, DataError
 from .errors import StepError
 
 __all__ = ["predict", "default_device"]
-
-
-def default_device() -> torch.device:
-    """CUDA if available, else Apple MPS if available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def predict(
@@ -54,7 +46,7 @@ def predict(
               the inputs; a list is always a sequence of batches, use a tuple for several
               arrays).
         batch_size: rows per batch when ``data`` is sliced here (ignored for iterables).
-        device: where ``fn`` runs: ``"auto"`` picks :func:`default_device`. Batches and
+        device: where ``fn`` runs: ``"auto"`` picks CUDA, else MPS, else the CPU. Batches and
             ``params`` are moved there; tensors ``fn`` closes over are *not* (put them on
             the device yourself, or pass them as ``params`` and let predict move them).
         jit: compile ``fn`` with ``torch.compile(dynamic=True)`` (one graph for every batch
@@ -72,7 +64,7 @@ def predict(
     >>> predict(lambda x: x @ w, torch.ones(5, 3), batch_size=2, device="cpu").shape
     torch.Size([5, 2])
     """
-    dev = default_device() if str(device) == "auto" else torch.device(device)
+    dev = resolve_device(device)
     out_dev = None if output_device is None else torch.device(output_device)
     run = torch.compile(fn, dynamic=True) if jit else fn
     if params is not None:

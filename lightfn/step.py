@@ -43,6 +43,7 @@ import torch
 
 from . import random as lf_random
 from . import tree
+from ._diagnostics import describe
 from .errors import StepError
 from .optim import GradientTransformation, apply_updates
 from .state import LossScale, TrainState
@@ -99,16 +100,6 @@ def _split_output(out: Any, with_state: bool) -> tuple[Any, dict[str, Any], Any]
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise StepError(f"metric {name!r} must be a scalar tensor, got {describe(value)}")
     return loss, dict(metrics), new_buffers
-
-
-def describe(x: Any) -> str:
-    """A value as an error message names it: ``a tensor of shape (3,) float32``, ``a tuple
-    of 2 (Tensor, dict)``, ``a list``. (Shared by the step and fit's output checks.)"""
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
-    if isinstance(x, tuple):
-        return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
-    return f"a {type(x).__name__}"
 
 
 def _scalar_metrics(loss: torch.Tensor, metrics: dict[str, Any]) -> dict[str, torch.Tensor]:

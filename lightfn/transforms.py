@@ -24,6 +24,7 @@ import torch
 import torch.func
 
 from . import tree
+from ._diagnostics import first_line, user_frame
 from .errors import CompileError, LightfnError, StepError
 
 __all__ = ["grad", "value_and_grad", "vmap", "jit", "Jitted", "jit_disabled"]
@@ -229,25 +230,14 @@ def _explain_failure(fn: Callable[..., Any], e: Exception, args: tuple[Any, ...]
         return user_error
     except Exception as eager_error:  # noqa: BLE001
         return StepError(f"{fn.__qualname__} fails even without compilation: {type(eager_error).__name__}: {eager_error}")
-    reason = str(e).strip().splitlines()
-    first = next((ln for ln in reason if ln.strip()), type(e).__name__)
-    where = _user_frame(e)
+    where = user_frame(e)
     return CompileError(
-        f"lf.jit could not compile {getattr(fn, '__qualname__', fn)!s} into one graph: {first[:300]}"
-        + (f"\n  at {where}" if where else "")
+        f"lf.jit could not compile {getattr(fn, '__qualname__', fn)!s} into one graph: {first_line(e)}"
+        + (f"\n {where}" if where else "")
         + "\n  Fix: keep the function pure tensor code (no .item(), print, Python branching on tensor values,"
         " or data-dependent shapes); use torch.where instead of `if` on tensors."
         "\n  To run eagerly instead: lf.jit(..., disable=True), fit(..., jit=False), or LIGHTFN_DISABLE_JIT=1."
     )
-
-
-def _user_frame(e: Exception) -> str:
-    text = str(e)
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("File ") and "site-packages/torch" not in s and "/lightfn/" not in s:
-            return s
-    return ""
 
 
 def jit(

@@ -26,6 +26,7 @@ import optree
 import torch
 import torch.utils._pytree as torch_pytree
 
+from ._diagnostics import diff_by_path, keystr
 from .errors import TreeError
 
 __all__ = [
@@ -121,18 +122,6 @@ def structure(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> Any
     return optree.tree_structure(tree, is_leaf=is_leaf, namespace=NAMESPACE)
 
 
-def keystr(path: KeyPath, root: str = "") -> str:
-    """A readable, unambiguous string for a key path: ``['params']['enc.0.weight']``.
-
-    Used in every error message that names a leaf. Strings are quoted, indices are not,
-    so ``('layers', 0, 'w')`` reads ``['layers'][0]['w']``.
-    """
-    parts = [root]
-    for k in path:
-        parts.append(f"[{k!r}]" if not isinstance(k, int) else f"[{k}]")
-    return "".join(parts) or "<root>"
-
-
 def size(tree: PyTree) -> int:
     """Total number of elements over all tensor leaves."""
     return sum(x.numel() for x in leaves(tree) if isinstance(x, torch.Tensor))
@@ -209,21 +198,8 @@ def assert_same_structure(expected: PyTree, actual: PyTree, *, what: str = "tree
 
     With ``check_shapes=True`` the shapes and dtypes of tensor leaves must match too.
     """
-    exp = dict(leaves_with_path(expected))
-    act = dict(leaves_with_path(actual))
-    problems = []
-    for p in exp.keys() - act.keys():
-        problems.append(f"  {keystr(p)}: missing (expected {_describe(exp[p])})")
-    for p in act.keys() - exp.keys():
-        problems.append(f"  {keystr(p)}: unexpected leaf {_describe(act[p])}")
-    if check_shapes:
-        for p in exp.keys() & act.keys():
-            a, b = exp[p], act[p]
-            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-                if a.shape != b.shape or a.dtype != b.dtype:
-                    problems.append(f"  {keystr(p)}: expected {_describe(a)}, got {_describe(b)}")
-            elif isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
-                problems.append(f"  {keystr(p)}: expected {_describe(a)}, got {_describe(b)}")
+    exp, act = dict(leaves_with_path(expected)), dict(leaves_with_path(actual))
+    problems = diff_by_path(exp, act, same=_same_leaf) if check_shapes else diff_by_path(exp, act)
     if not problems and structure(expected) != structure(actual):
         problems.append(f"  structure differs:\n    expected {structure(expected)}\n    got      {structure(actual)}")
     if problems:
@@ -231,10 +207,10 @@ def assert_same_structure(expected: PyTree, actual: PyTree, *, what: str = "tree
         raise TreeError(f"{what} does not match the expected structure:\n" + "\n".join(problems))
 
 
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
-    return f"{type(x).__name__} {x!r}"[:80]
+def _same_leaf(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype
+    return isinstance(a, torch.Tensor) == isinstance(b, torch.Tensor)
 
 
 def _structure_mismatch_message(tree: PyTree, rest: tuple[PyTree, ...]) -> str:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import optree
 import torch
 
 from .. import tree as _tree
+from .._diagnostics import describe, describe_type, diff_by_path
 from ..errors import OptimizerConfigError, StateMismatchError, StepError, TreeError
 
 __all__ = [
@@ -26,24 +26,12 @@ __all__ = [
 ]
 
 
-def _describe_state_type(cls: type) -> str:
-    # Every lf.optim state is a NamedTuple: naming its fields tells the user what it holds.
-    if optree.is_namedtuple_class(cls):
-        return f"{cls.__name__}({', '.join(cls._fields)})"  # type: ignore[attr-defined]
-    return cls.__name__
-
-
-def _describe_state(state: Any) -> str:
-    if type(state) is tuple:
-        return f"a tuple of {len(state)} states"
-    return _describe_state_type(type(state))
-
-
 def check_state(state: Any, expected: type, transform: str) -> None:
     """Raise :class:`StateMismatchError` unless ``state`` is exactly of type ``expected``."""
     if type(state) is not expected:
+        got = f"a tuple of {len(state)} states" if type(state) is tuple else describe_type(type(state))
         raise StateMismatchError(
-            f"{transform} expected its state to be {_describe_state_type(expected)}, got {_describe_state(state)}. "
+            f"{transform} expected its state to be {describe_type(expected)}, got {got}. "
             "This optimizer state was made by a different optimizer (or a differently configured one): "
             "create it with this optimizer's init(params)."
         )
@@ -92,15 +80,23 @@ def check_match(expected: Any, actual: Any, *, what: str) -> None:
 
 def _raise_mismatch(expected: Any, actual: Any, what: str) -> None:
     _tree.assert_same_structure(expected, actual, what=what)
-    for (path, e), a in zip(_tree.leaves_with_path(expected), _tree.leaves(actual)):
-        if isinstance(e, torch.Tensor) and isinstance(a, torch.Tensor) and e.shape != a.shape:
-            raise TreeError(
-                f"{what}: leaf {_tree.keystr(path)} has shape {tuple(a.shape)}, expected {tuple(e.shape)} "
-                "(the shape of the matching param)."
-            )
-        if isinstance(e, torch.Tensor) != isinstance(a, torch.Tensor):
-            raise TreeError(f"{what}: leaf {_tree.keystr(path)} is a {type(a).__name__}, expected a {type(e).__name__}.")
-    raise TreeError(f"{what} does not match the expected structure")
+    problems = diff_by_path(
+        dict(_tree.leaves_with_path(expected)),
+        dict(_tree.leaves_with_path(actual)),
+        same=_same_shape,
+        show=lambda x: str(tuple(x.shape)) if isinstance(x, torch.Tensor) else describe(x),
+        show_actual=lambda x: f"of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else describe(x),
+        differs="is {a}, expected {e}",
+    )
+    if not problems:
+        raise TreeError(f"{what} does not match the expected structure")
+    raise TreeError(f"{what}: leaves differ from the matching params (their shapes must be the params'):\n" + "\n".join(problems))
+
+
+def _same_shape(e: Any, a: Any) -> bool:
+    if isinstance(e, torch.Tensor) and isinstance(a, torch.Tensor):
+        return e.shape == a.shape
+    return isinstance(e, torch.Tensor) == isinstance(a, torch.Tensor)
 
 
 def tensor_leaves(tree: Any) -> list[torch.Tensor]:

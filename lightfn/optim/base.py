@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .. import tree as _tree
+from .._diagnostics import describe
 from ..errors import StepError
 from ._checks import StateMismatchError, check_match, check_params, check_state
 
@@ -95,7 +96,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if type(state) is not tuple or len(state) != len(transforms):
             raise StateMismatchError(
                 f"chain of {len(transforms)} transforms expected a tuple of {len(transforms)} states, got "
-                f"{_describe(state)}. This optimizer state was made by a different optimizer: create it with "
+                f"{describe(state)}. This optimizer state was made by a different optimizer: create it with "
                 "this optimizer's init(params)."
             )
         if params is not None:
@@ -107,12 +108,6 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return updates, tuple(new_states)
 
     return GradientTransformation(init, update)
-
-
-def _describe(state: Any) -> str:
-    if type(state) is tuple:
-        return f"a tuple of {len(state)} ({', '.join(type(s).__name__ for s in state)})"
-    return f"a {type(state).__name__}"
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
