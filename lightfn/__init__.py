@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import callbacks, data, distributed, loggers, optim, random, tree
 from .errors import CheckpointError, CompileError, DistributedError, ExportError, LightfnError, StepError, TreeError
 from .checkpoint import load, read_metadata, save
+from .ensemble import ensemble
 from .export import export, export_aot, export_onnx
 from .fit import fit
 from .errors import FitError
@@ -37,6 +38,8 @@ __all__ = [
     "value_and_grad",
     "vmap",
     "jit",
+    # functional superpowers
+    "ensemble",
     # state and steps
     "TrainState",
     "LossScale",

@@ -82,3 +82,55 @@ def test_leaves_and_flatten_trace_trees_with_constant_only_dicts():
 
     norm, n, same = f(t)
     assert n == 2 and same and norm.item() == pytest.approx(12**0.5)
+
+
+# ----------------------------------------------------------------------------- stack / unstack
+
+
+def _member_state(seed):
+    torch.manual_seed(seed)
+    params = {"w": torch.randn(3, 2, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64)}
+    return lf.TrainState.create(params=params, optimizer=lf.optim.adam(1e-3), seed=seed)
+
+
+def test_stack_and_unstack_train_states_round_trip_exactly():
+    members = [_member_state(s) for s in range(3)]
+    stacked = tree.stack(members)
+    assert isinstance(stacked, lf.TrainState)
+    assert stacked.params["w"].shape == (3, 3, 2) and stacked.rng.shape == (3, 2) and stacked.step.shape == (3,)
+    for i, m in enumerate(members):
+        assert torch.equal(stacked.params["w"][i], m.params["w"])
+        assert torch.equal(stacked.opt_state[0].mu["b"][i], m.opt_state[0].mu["b"])
+    back = tree.unstack(stacked)
+    assert len(back) == 3
+    for m, b in zip(members, back):
+        assert tree.structure(m) == tree.structure(b)
+        for x, y in zip(tree.leaves(m), tree.leaves(b)):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def test_stack_keeps_equal_non_tensor_leaves_once():
+    s = tree.stack([{"w": torch.zeros(2), "n": 3}, {"w": torch.ones(2), "n": 3}])
+    assert s["n"] == 3 and s["w"].tolist() == [[0.0, 0.0], [1.0, 1.0]]
+    assert [t["n"] for t in tree.unstack(s)] == [3, 3]
+
+
+def test_stack_errors_name_the_first_differing_path():
+    a = {"enc": {"w": torch.zeros(2, 3)}, "dec": torch.zeros(4)}
+    with pytest.raises(lf.TreeError, match=r"\['enc'\]\['w'\]: shape \(3, 3\) in trees\[1\], \(2, 3\) in trees\[0\]"):
+        tree.stack([a, {"enc": {"w": torch.zeros(3, 3)}, "dec": torch.zeros(4)}])
+    with pytest.raises(lf.TreeError, match=r"\['dec'\]: dtype float64 in trees\[2\], float32 in trees\[0\]"):
+        tree.stack([a, a, {"enc": {"w": torch.zeros(2, 3)}, "dec": torch.zeros(4, dtype=torch.float64)}])
+    with pytest.raises(lf.TreeError, match=r"different structure.*\['enc'\]\['v'\]"):
+        tree.stack([a, {"enc": {"v": torch.zeros(2, 3)}, "dec": torch.zeros(4)}])
+    with pytest.raises(lf.TreeError, match=r"\['n'\]: the non-tensor leaf is 2 in trees\[1\], 1 in trees\[0\]"):
+        tree.stack([{"n": 1, "w": torch.zeros(1)}, {"n": 2, "w": torch.zeros(1)}])
+    with pytest.raises(lf.TreeError, match="at least one tree"):
+        tree.stack([])
+
+
+def test_unstack_errors_on_unstacked_or_ragged_trees():
+    with pytest.raises(lf.TreeError, match=r"\['b'\] is a 0-d tensor"):
+        tree.unstack({"a": torch.zeros(2), "b": torch.zeros(())})
+    with pytest.raises(lf.TreeError, match=r"\['a'\] has 2 members.*\['b'\] has 3"):
+        tree.unstack({"a": torch.zeros(2, 1), "b": torch.zeros(3)})

@@ -15,7 +15,8 @@ its state is a pytree of NamedTuples of tensors (checkpointable, compilable):
 Modules: ``base`` (the contract, chain), ``transforms`` (scale, learning rate, weight
 decay, momentum, freezing), ``adaptive`` (Adam/RMS/RSS/Lion scalings), ``clipping``,
 ``masking`` (masked, multi_transform), ``multi_steps`` (gradient accumulation),
-``schedules``, ``alias`` (sgd, adam, adamw, rmsprop, adagrad, lion), ``readers``.
+``schedules``, ``alias`` (sgd, adam, adamw, rmsprop, adagrad, lion), ``readers``,
+``inject`` (inject_hyperparams: hyperparameters as state tensors, for sweeps).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .adaptive import (
 from .alias import adagrad, adam, adamw, lion, rmsprop, sgd
 from .base import EmptyState, GradientTransformation, apply_updates, chain, identity
 from .clipping import clip, clip_by_global_norm
+from .inject import InjectHyperparamsState, inject_hyperparams
 from .masking import MaskedState, MultiTransformState, masked, multi_transform
 from .multi_steps import MultiStepsState, multi_steps
 from .readers import current_lr, learning_rates
@@ -94,6 +96,7 @@ __all__ = [
     "masked",
     "multi_transform",
     "multi_steps",
+    "inject_hyperparams",
     # states
     "ScaleByLearningRateState",
     "ScaleByAdamState",
@@ -105,6 +108,7 @@ __all__ = [
     "MaskedState",
     "MultiTransformState",
     "MultiStepsState",
+    "InjectHyperparamsState",
     # readers
     "current_lr",
     "learning_rates",
