@@ -1,7 +1,8 @@
 """lightfn.distributed: map the pure step over processes launched by torchrun.
 
 - :func:`init` turns torchrun's environment into a :class:`Mesh` (a no-op single-process
-  mesh under plain ``python``); :func:`rank`, :func:`world_size`, :func:`is_main`,
+  mesh under plain ``python``); :func:`shutdown` ends the run (automatic at exit);
+  :func:`rank`, :func:`world_size`, :func:`is_main`,
   :func:`barrier`, :func:`broadcast`, :func:`all_agree`, :func:`check_same_structure`.
 - :func:`data_parallel`: replicated params, per-rank batch shards, gradients averaged in one
   flat bucket inside the compiled step; :func:`replicate_state`, :func:`reduce_metrics`,
@@ -14,6 +15,7 @@
   loop on every rank (:mod:`lightfn.distributed.strategy`).
 """
 
+from ._lifetime import shutdown
 from .collectives import all_reduce_mean
 from .data_parallel import data_parallel, reduce_metrics, replicate_state, shard_batch
 from .fully_sharded import FullyShardedStep, ShardedParams, ShardLayout, fully_sharded, gather_params, shard_bytes, shard_state, unshard_state, unshard_tree
@@ -39,6 +41,7 @@ from .strategy import Strategy
 __all__ = [
     "Mesh",
     "init",
+    "shutdown",
     "launched",
     "require_launched",
     "single_process_mesh",

@@ -3,7 +3,7 @@
 ``init()`` is the one entry point. Launched by ``torchrun`` it reads ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR``/``MASTER_PORT``, picks NCCL when CUDA is
 available (gloo otherwise), pins the local GPU, creates the process group with a timeout and
-a 1-D ``torch.distributed.device_mesh`` over all ranks. Run as a plain ``python script.py``
+a 1-D mesh over all ranks. Run as a plain ``python script.py``
 it returns a one-process :class:`Mesh`, so the same script works on a laptop and a cluster.
 
 >>> mesh = init()                      # doctest: +SKIP
@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from .. import tree
 from ..errors import DistributedError
+from ._lifetime import adopt
 
 __all__ = [
     "Mesh",
@@ -70,8 +71,6 @@ class Mesh:
         device: this process's device (``cuda:<local_rank>`` or ``cpu``).
         backend: ``"nccl"``, ``"gloo"``, or ``None`` for a single process.
         timeout: seconds a collective waits for the other ranks before failing.
-        device_mesh: the 1-D ``torch.distributed.device_mesh.DeviceMesh`` (``None`` for a
-            single process).
         group_name: the process group's name: the (plain string) form in which functional
             collectives inside a compiled step refer to the group.
     """
@@ -82,7 +81,6 @@ class Mesh:
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
     timeout: float = 300.0
-    device_mesh: Any = None
     group_name: str | None = None
 
     @property
@@ -97,8 +95,25 @@ class Mesh:
 
     @property
     def group(self) -> Any:
-        """The process group of the mesh (``None`` for a single process)."""
-        return None if self.device_mesh is None else self.device_mesh.get_group()
+        """The process group of the mesh (``None`` for a single process): the default group,
+        as lightfn's mesh spans every rank."""
+        return dist.group.WORLD if self.distributed and dist.is_initialized() else None
+
+    @property
+    def device_mesh(self) -> Any:
+        """The 1-D ``torch.distributed.device_mesh.DeviceMesh`` over all ranks, built on demand
+        (``None`` for a single process).
+
+        Not stored in the mesh on purpose: a DeviceMesh keeps its process group alive, and a
+        group still alive when the interpreter tears down aborts the process in its C++
+        destructors (``terminate called without an active exception``) after all its work
+        is done. Hold the returned object only as long as you need it.
+        """
+        if not (self.distributed and dist.is_initialized()):
+            return None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device.type, (self.world_size,))
 
 
 
@@ -189,6 +204,10 @@ def init(
 
     Without torchrun's environment this is a no-op returning :func:`single_process_mesh`.
     Calling it again in a process that already joined returns the same mesh.
+
+    When it creates the process group, the run ends through :func:`shutdown` at interpreter
+    exit (ranks meet at a bounded barrier, then the groups are destroyed), so a finished
+    job exits 0 instead of aborting in a C++ destructor.
     """
     if not launched():
         return single_process_mesh()
@@ -233,12 +252,10 @@ def init(
                 f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). Are all "
                 f"{world} ranks running, and can they reach MASTER_ADDR? {LAUNCH_HINT}"
             ) from e
-    from torch.distributed.device_mesh import init_device_mesh
-
-    device_mesh = init_device_mesh(device.type, (world,))
+        adopt(timeout)  # lightfn made the group, so lightfn ends it (at exit, or lf.distributed.shutdown())
     return Mesh(
         rank=rank_, world_size=world, local_rank=local, device=device, backend=backend, timeout=float(timeout),
-        device_mesh=device_mesh, group_name=device_mesh.get_group().group_name,
+        group_name=dist.group.WORLD.group_name,
     )
 
 

@@ -35,4 +35,3 @@ ckpt = ModelCheckpoint(os.path.join(out_dir, "ckpt"), train_time_interval=0.3, s
 out = lf.fit(lf.train_step(loss_fn, opt), state, make_loader(), max_epochs=1000, max_time=6.0, jit=False,
              progress=False, strategy="ddp", callbacks=[SlowRank1(), ckpt])
 write(out_dir, rank, {"rank": rank, "step": int(out.step), "saved": sorted(os.path.basename(p) for p in ckpt.best_k_models)})
-torch.distributed.destroy_process_group()

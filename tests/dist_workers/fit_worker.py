@@ -78,4 +78,3 @@ with spread.guard():
     result["agree"] = [spread.vote((rank == 1, False), 1.0 + rank, cpu), spread.vote((False, False), 5.0 - rank, cpu)]
     result["control"] = [torch.distributed.get_backend(spread.control), torch.distributed.get_world_size(spread.control)]
 write(out_dir, rank, result)
-torch.distributed.destroy_process_group()

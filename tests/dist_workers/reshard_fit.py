@@ -55,4 +55,3 @@ else:
         "full_step": int(full["step"]), "max_diff": max_diff(resumed.params, full["params"]),
         "last_is_sharded_folder": os.path.isdir(ckpt.last_model_path) if ckpt.last_model_path else None,
     })
-torch.distributed.destroy_process_group()
