@@ -493,5 +493,14 @@ def test_a_finished_two_rank_run_exits_0_every_time(tmp_path, mode):
     assert failures == [], f"{len(failures)} of 20 runs failed:\n" + "\n".join(failures[:2])
 
 
+def test_shutdown_leaves_no_gloo_thread_after_a_data_parallel_step(tmp_path):
+    # torch.func imports torch.distributed.nn, whose default arguments captured the group
+    # when imported after init and kept its threads alive past destroy: every run aborted
+    # or not at exit by chance. Deterministic: the worker counts the threads itself.
+    proc = _launch("exit.py", "threads", tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+
+
 def test_shutdown_is_a_no_op_when_lightfn_made_no_process_group(no_torchrun):
     assert ld.shutdown() is False

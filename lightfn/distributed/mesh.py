@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from .. import tree
 from ..errors import DistributedError
-from ._lifetime import adopt
+from ._lifetime import adopt, before_init
 
 __all__ = [
     "Mesh",
@@ -237,6 +237,7 @@ def init(
         device = torch.device("cpu")
     if not dist.is_initialized():
         addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        before_init()
         try:
             dist.init_process_group(
                 backend=backend,

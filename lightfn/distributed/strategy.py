@@ -308,6 +308,11 @@ class Spread:
         finally:
             if self.control is not None:
                 dist.destroy_process_group(self.control)
+                # Let the group object go now: a gloo group joins its threads only when freed,
+                # and this Spread may outlive fit in a traceback (SIGTERM preemption exits by
+                # SystemExit) until interpreter teardown, where a joinable thread aborts the
+                # process (see lightfn/distributed/_lifetime.py).
+                object.__setattr__(self, "control", None)
 
     def finish(self, state: Any) -> Any:
         """The state fit returns: gathered again when fit sharded it (a collective)."""
