@@ -23,7 +23,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.utils import save_image
 
 import lightfn as lf
 from lightfn.fit import fit
@@ -105,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     val_loss = F.mse_loss(recon, images).item()
     grid = lf.loggers.image_grid(torch.cat([data.val_images[:8], recon[:8].clamp(0, 1).view(8, 1, 28, 28)]), nrow=8)
     grid_path = run_dir / "reconstructions.png"
+    # Imported here, not at the top: torchvision's import takes seconds and pulls in
+    # torch._dynamo, all before the first training step.
+    from torchvision.utils import save_image
+
     save_image(grid, grid_path)
     tensorboard.log_image("val/reconstructions", grid, step=int(state.step))
     for logger in (tensorboard, csv):

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.utils import save_image
 
 import lightfn as lf
 from lightfn.fit import fit
@@ -133,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         samples = generate(g_params, lf.random.normal(lf.random.key(args.seed + 1), (64, LATENT)))
     samples = ((samples + 1) / 2).clamp(0, 1).view(64, 1, 28, 28)
     grid_path = logger.log_dir / "samples.png"
+    # Imported here, not at the top: torchvision's import takes seconds and pulls in
+    # torch._dynamo, all before the first training step.
+    from torchvision.utils import save_image
+
     save_image(lf.loggers.image_grid(samples, nrow=8), grid_path)
 
     # a sanity number: how far the mean generated digit is from the mean real digit
