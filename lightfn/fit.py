@@ -36,7 +36,7 @@ from .errors import Preempted
 from .loggers.base import Logger
 from .loop import (FitError, Plan, Position, batch_dtype, configure_steps, first_batches, make_plan,
                    positive, preemption_signal, resolve_device)
-from .resume import data_seed, pack
+from .resume import data_seed, pack, run_metadata
 from .runner import EvalRunner, TrainRunner, means, to_host
 from .state import TrainState
 from .distributed.strategy import Spread, Strategy, setup_strategy
@@ -158,7 +158,9 @@ def fit(
             ``DistributedSampler``, whose ``set_epoch`` fit calls). A loader shuffled by an
             unseeded generator resumes at the right count in a *new* order, so some samples
             of that epoch are seen twice and others not at all; fit cannot detect that.
-        hparams: hyperparameters logged to every logger at the start.
+        hparams: hyperparameters (a JSON-able dict), logged to every logger at the start
+            and stored in the metadata of every checkpoint fit writes: read them back with
+            ``lf.read_metadata(path)["hparams"]`` (Lightning's ``save_hyperparameters``).
         ckpt_dir: where a SIGTERM writes ``last.safetensors`` (default: the first
             ModelCheckpoint's dirpath). On SIGTERM fit finishes the current step, writes
             it, and raises :class:`Preempted` (a clean ``SystemExit(0)``).
@@ -176,6 +178,7 @@ def fit(
         num_sanity_val_steps, val_check_interval, check_val_every_n_epoch = 0, None, 1
         loggers, progress = (), False
     device = resolve_device(device)
+    metadata = run_metadata(hparams)  # checks hparams before anything runs
     step, state, eval_step = configure_steps(step, state, eval_step, precision, accumulate_grad_batches, gradient_clip_val)
     spread = setup_strategy(strategy, step, state, eval_step, callbacks)
     with spread.guard():  # from here on, the control group fit made is released however fit ends
@@ -203,6 +206,7 @@ def fit(
             state=_copy_to(state, device), train_data=train_data, val_data=val_data if has_val else None,
             callbacks=callbacks, loggers=list(loggers), device=device, writes=not fast_dev_run,
             ckpt_dir=None if ckpt_dir is None else Path(ckpt_dir), batch_dtype=batch_dtype(step), spread=spread,
+            metadata=metadata,
         )
         if resume_from is not None:
             loop.restore(_resume_path(resume_from, loop.ckpt_dir))
@@ -214,11 +218,12 @@ class _Loop:
 
     def __init__(self, *, plan: Plan, train: TrainRunner, evaluate: EvalRunner | None, state: Any, train_data: Any,
                  val_data: Any, callbacks: list[Callback], loggers: list[Logger], device: torch.device, writes: bool,
-                 ckpt_dir: Path | None, batch_dtype: torch.dtype | None, spread: Spread) -> None:
+                 ckpt_dir: Path | None, batch_dtype: torch.dtype | None, spread: Spread,
+                 metadata: Mapping[str, Any]) -> None:
         self.plan, self.train, self.evaluate, self.state = plan, train, evaluate, state
         self.train_data, self.val_data, self.callbacks, self.loggers = train_data, val_data, callbacks, loggers
         self.device, self.writes, self.ckpt_dir, self.main = device, writes, ckpt_dir, spread.main
-        self.batch_dtype, self.spread = batch_dtype, spread
+        self.batch_dtype, self.spread, self.metadata = batch_dtype, spread, metadata
         self.log_lr = not any(isinstance(cb, LearningRateMonitor) for cb in callbacks)
         self.pos, self.acc, self.metrics = Position(), None, {}
         self.stop_reason, self.t0 = "", time.monotonic()
@@ -370,7 +375,7 @@ class _Loop:
         if self.writes:
             names = self.train.acc_names
             self.spread.save(path, pack(self.state, self.pos, self.acc, names, self.callbacks, data_seed(self.train_data),
-                                        self.elapsed(), self.metrics))
+                                        self.elapsed(), self.metrics), metadata=self.metadata)
 
     def preempt(self) -> Any:
         path = None if self.ckpt_dir is None or not self.writes else self.ckpt_dir / "last.safetensors"

@@ -263,6 +263,25 @@ def test_log_every_n_steps_lr_epoch_and_hparams():
     assert [s for s, _ in logger.values("train/mae_epoch")] == [5, 10]
 
 
+def test_hparams_are_stored_in_every_checkpoint_and_checked_before_training(tmp_path):
+    step, state, loader = setup()
+    hparams = {"lr": 0.05, "layers": (4, 1), "name": "linear", "nested": {"wd": None}}
+    run(step, state, loader, max_epochs=2, callbacks=[ModelCheckpoint(tmp_path, save_top_k=-1)], hparams=hparams)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert files == ["epoch=0-step=5.safetensors", "epoch=1-step=10.safetensors", "last.safetensors"]
+    for name in files:  # as JSON gives them back: the tuple is a list
+        assert lf.read_metadata(tmp_path / name)["hparams"] == {"lr": 0.05, "layers": [4, 1], "name": "linear", "nested": {"wd": None}}
+    resumed = run(step, state, loader, max_epochs=3, resume_from=tmp_path / "last.safetensors", hparams={"lr": 0.05},
+                  callbacks=[ModelCheckpoint(tmp_path / "more")])
+    assert int(resumed.step) == 15 and lf.read_metadata(tmp_path / "more" / "last.safetensors")["hparams"] == {"lr": 0.05}
+    logger = MemoryLogger()
+    with pytest.raises(FitError, match=r"hparams must be JSON-serializable .*device"):
+        run(step, state, loader, max_epochs=1, loggers=[logger], hparams={"device": torch.device("cpu")})
+    assert logger.rows == [] and logger.hparams is None  # refused before anything ran
+    with pytest.raises(FitError, match="hparams must be a dict"):
+        run(step, state, loader, max_epochs=1, hparams=[("lr", 0.1)])
+
+
 def test_lr_is_logged_once_by_fit_or_by_a_learning_rate_monitor():
     step, state, loader = setup(opt=lf.optim.adam(lf.optim.linear_schedule(0.01, 0.0, 10)))
     own, monitored = MemoryLogger(), MemoryLogger()
