@@ -34,10 +34,10 @@ from .callbacks.progress import ProgressBar
 from .data import iterate, num_batches
 from .errors import Preempted
 from .loggers.base import Logger
-from .loop import (FitError, Plan, Position, batch_dtype, configure_steps, first_batches, make_plan,
+from .loop import (FitError, Plan, Position, batch_dtype, configure_steps, first_batches, make_plan, move_batch,
                    positive, preemption_signal, resolve_device)
 from .resume import data_seed, pack, run_metadata
-from .runner import EvalRunner, TrainRunner, means, to_host
+from .runner import EvalRunner, TrainRunner, evaluate, means, to_host
 from .state import TrainState
 from .distributed.strategy import Spread, Strategy, setup_strategy
 
@@ -312,13 +312,8 @@ class _Loop:
 
     def validate(self, stage: str = "validate") -> None:
         n = self.plan.sanity_batches if stage == "sanity" else self.plan.val_batches
-        data = iterate(self.val_data, 0)
-        acc = None
-        for batch in data if n is None else itertools.islice(data, n):
-            acc = self.evaluate(self.state, acc, self.to_device(batch))
-        if acc is None:
-            raise FitError("val_data yielded no batches (an empty dataset, or a batch size larger than the data?)")
-        values = to_host({f"val/{k}": v for k, v in means(self.spread.sum(acc), self.evaluate.names).items()})
+        values = evaluate(self.evaluate, self.state, iterate(self.val_data, 0), prefix="val/", limit=n,
+                          move=self.to_device, reduce=self.spread.sum)
         if stage == "sanity":  # not logged; callbacks see it only in this hook
             self.emit(lambda cb, ctx: cb.on_validation_end(ctx), stage=stage, extra=values)
             return
@@ -404,11 +399,7 @@ class _Loop:
         return self.elapsed() if self.clock is None else self.clock
 
     def to_device(self, batch: Any) -> Any:
-        first = next((x for x in tree.leaves(batch) if isinstance(x, torch.Tensor)), None)
-        if first is not None and first.device != self.device:
-            batch = tree.to_device(batch, self.device, non_blocking=True)
-        # "*-true" precisions hold params in that dtype; floating inputs follow (as in Lightning).
-        return batch if self.batch_dtype is None else tree.cast(batch, self.batch_dtype)
+        return move_batch(batch, self.device, self.batch_dtype)
 
 
 # ----------------------------------------------------------------------------- setup helpers

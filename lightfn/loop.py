@@ -9,7 +9,8 @@
   :meth:`lightfn.distributed.strategy.Spread.vote`).
 - What fit makes of its step and data arguments before looping: :func:`configure_steps`
   (precision, ``accumulate_grad_batches`` and ``gradient_clip_val`` applied to an
-  ``lf.TrainStep``), :func:`first_batches` (``overfit_batches``), :func:`batch_dtype`.
+  ``lf.TrainStep``), :func:`first_batches` (``overfit_batches``), :func:`batch_dtype` and
+  :func:`move_batch` (how each batch reaches the device; ``lf.validate`` uses them too).
 
 Running the steps with on-device metric accumulation lives in :mod:`lightfn.runner`.
 """
@@ -27,14 +28,14 @@ from typing import Any
 
 import torch
 
-from . import optim
+from . import optim, tree
 from .data import iterate, num_batches
 from .errors import FitError, LightfnError
 from .step import EvalStep, TrainStep
 from .transforms import Jitted
 
 __all__ = ["FitError", "Plan", "Position", "make_plan", "resolve_device", "preemption_signal",
-           "configure_steps", "first_batches", "batch_dtype", "positive"]
+           "configure_steps", "first_batches", "batch_dtype", "move_batch", "positive"]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -279,11 +280,21 @@ def first_batches(data: Any, overfit: int | float) -> list[Any]:
 
 
 def batch_dtype(step: Any) -> torch.dtype | None:
-    """The dtype floating batches are cast to: that of a ``*-true`` precision, else None."""
+    """The dtype floating batches are cast to: that of a ``*-true`` precision (of an
+    ``lf.TrainStep`` or ``lf.EvalStep``), else None."""
     inner = step.fn if isinstance(step, Jitted) else step
-    if not isinstance(inner, TrainStep):
+    if not isinstance(inner, (TrainStep, EvalStep)):
         return None
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(inner.precision)
+
+
+def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``batch`` on ``device`` (without a host sync) and, for ``dtype``, its floating leaves cast."""
+    first = next((x for x in tree.leaves(batch) if isinstance(x, torch.Tensor)), None)
+    if first is not None and first.device != device:
+        batch = tree.to_device(batch, device, non_blocking=True)
+    # "*-true" precisions hold params in that dtype; floating inputs follow (as in Lightning).
+    return batch if dtype is None else tree.cast(batch, dtype)
 
 
 # ----------------------------------------------------------------------------- position
