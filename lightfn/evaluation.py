@@ -28,6 +28,7 @@ from . import tree
 from .callbacks.base import Callback, Context, Signal
 from .data import iterate, num_batches
 from .errors import FitError
+from .eval_sets import named_sets, prefix
 from .loggers.base import Logger
 from .loop import batch_dtype, move_batch, resolve_device
 from .runner import EvalRunner, evaluate
@@ -56,7 +57,9 @@ def validate(
         state: the state to evaluate (an ``lf.TrainState``, e.g. one returned by fit or
             loaded with ``lf.load(path, like=state)``); never modified.
         data: an ``lf.data.ArrayLoader``, a ``DataLoader`` or any iterable of batches
-            (epoch 0's order).
+            (epoch 0's order); or several, as fit's ``val_data`` takes them: a dict
+            ``{"clean": a, "noisy": b}`` returns ``val/clean/<name>``..., a list of loaders
+            ``val/0/<name>``... (see :mod:`lightfn.eval_sets`).
         loggers: each gets the values once, at the state's step (``int(state.step)`` for a
             TrainState, else 0), then is flushed.
         callbacks: each gets ``on_validation_end`` with ``ctx.stage == "eval"`` and the
@@ -93,7 +96,7 @@ def test(
 test.__test__ = False  # type: ignore[attr-defined]  # a library function, not a pytest test when imported by name
 
 
-def _run(prefix: str, stage: str, eval_step: EvalStepFn, state: Any, data: Any, loggers: Sequence[Logger],
+def _run(metric: str, stage: str, eval_step: EvalStepFn, state: Any, data: Any, loggers: Sequence[Logger],
          callbacks: Sequence[Callback], device: torch.device | str | None, jit: bool, progress: bool | None) -> dict[str, float]:
     t0 = time.monotonic()
     if not callable(eval_step):
@@ -106,15 +109,20 @@ def _run(prefix: str, stage: str, eval_step: EvalStepFn, state: Any, data: Any, 
         target = resolve_device(device)
         state = tree.to_device(state, target)
     dtype = batch_dtype(eval_step)
-    batches = iterate(data, 0)
+    runner = EvalRunner(eval_step, compile=jit)  # one for every set: the step is traced once
     show = sys.stdout.isatty() if progress is None else progress
-    bar = tqdm(batches, total=num_batches(data), desc=stage, leave=False, dynamic_ncols=True) if show else None
-    try:
-        values = evaluate(EvalRunner(eval_step, compile=jit), state, batches if bar is None else bar, prefix=f"{prefix}/",
-                          move=lambda batch: move_batch(batch, target, dtype), what="data")
-    finally:
-        if bar is not None:
-            bar.close()
+    values: dict[str, float] = {}
+    for name, loader in named_sets(data, "data").items():
+        batches = iterate(loader, 0)
+        bar = tqdm(batches, total=num_batches(loader), desc=stage if name is None else f"{stage} {name}", leave=False,
+                   dynamic_ncols=True) if show else None
+        try:
+            values.update(evaluate(runner, state, batches if bar is None else bar, prefix=prefix(metric, name),
+                                   move=lambda batch: move_batch(batch, target, dtype),
+                                   what="data" if name is None else f"data[{name!r}]"))
+        finally:
+            if bar is not None:
+                bar.close()
     step = int(state.step) if isinstance(state, TrainState) else 0
     ctx = Context(state=state, step=step, epoch=0, batch_idx=0, metrics=dict(values), stage=stage,
                   elapsed=time.monotonic() - t0)
