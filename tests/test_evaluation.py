@@ -111,3 +111,17 @@ def test_empty_data_and_a_missing_step_are_refused():
 
 def test_validate_and_test_are_exported():
     assert {"validate", "test"} <= set(lf.__all__)
+
+
+@pytest.mark.compile
+def test_compiled_validate_matches_eager_over_several_sets_with_uneven_batches():
+    _, state, _ = setup()
+    state = state.replace(params={"w": torch.tensor([0.5, -1.0, 2.0]), "b": torch.tensor(0.25)})
+    sets = {"a": lf.data.ArrayLoader(data(11, 1), batch_size=4, shuffle=False, drop_last=False),
+            "b": lf.data.ArrayLoader(data(7, 2), batch_size=3, shuffle=False, drop_last=False)}
+    evaluate = lf.eval_step(loss_fn)
+    eager = lf.validate(evaluate, state, sets, progress=False)
+    compiled = lf.validate(evaluate, state, sets, jit=True, progress=False)
+    assert set(compiled) == {"val/a/loss", "val/a/mae", "val/b/loss", "val/b/mae"}
+    for k, v in eager.items():
+        assert compiled[k] == pytest.approx(v, rel=1e-5)
