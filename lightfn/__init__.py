@@ -11,6 +11,7 @@ from . import callbacks, data, distributed, loggers, optim, random, tree
 from .errors import CheckpointError, CompileError, DistributedError, ExportError, LightfnError, StepError, TreeError
 from .checkpoint import load, read_metadata, save
 from .ensemble import ensemble
+from .evaluation import test, validate
 from .export import export, export_aot, export_onnx
 from .fit import fit
 from .errors import FitError
@@ -49,6 +50,8 @@ __all__ = [
     "eval_step",
     # the loop
     "fit",
+    "validate",
+    "test",
     # checkpoints
     "save",
     "load",

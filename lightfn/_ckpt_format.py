@@ -47,6 +47,14 @@ META_STRUCTURE = "lightfn.structure"
 META_CRC = "lightfn.metadata_crc32"
 REQUIRED_META = (META_FORMAT, META_LIGHTFN, META_TORCH, META_USER, META_STRUCTURE, META_CRC)
 
+# A checkpoint written by ``lf.fit`` (lightfn.resume) carries this entry in its user metadata
+# and holds the run's bookkeeping under these top-level keys, beside the state's own fields.
+# ``lf.load`` with a template that has none of those keys (a TrainState) skips them.
+FIT_WRITER_KEY, FIT_WRITER = "written_by", "lightfn.fit"
+FIT_RUN_KEYS = ("loop", "callbacks")
+# fit(hparams=...) is stored under this key of the user metadata (see read_metadata).
+HPARAMS_KEY = "hparams"
+
 # safetensors refuses headers above 100 MB; a larger claim is damage, not a checkpoint.
 MAX_HEADER_BYTES = 100_000_000
 

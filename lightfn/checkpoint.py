@@ -91,6 +91,12 @@ def load(
     and dtype and goes to that leaf's device (``device`` for meta leaves). Any mismatch
     raises :class:`CheckpointError` listing every differing path.
 
+    A checkpoint written by ``lf.fit`` holds the state's fields at its top level plus the
+    run's bookkeeping (``"loop"``: position and metric sums, ``"callbacks"``: their states;
+    see :mod:`lightfn.resume`). A template without those keys (an ``lf.TrainState``, or the
+    dict state given to fit) skips them, so ``lf.load(ckpt.best_model_path, like=state)``
+    is a TrainState ready to evaluate or train further (Lightning's ``load_from_checkpoint``).
+
     ``subtree`` (a key path such as ``("params", "encoder")``, or one key ``"params"``)
     loads only that part; the rest of the tensor data is never read. ``like`` is then the
     template of that part. ``verify`` checks the CRC32 of each tensor read and of the
@@ -108,23 +114,30 @@ def load(
         node = _descend(path, meta.structure, prefix)
         if like is None:
             return _rebuild(node, prefix, fetch)
-        return _restore(path, like, prefix, dict(_described_leaves(node, ())), fetch)
+        found = dict(_described_leaves(node, ()))
+        if not prefix and meta.user.get(fmt.FIT_WRITER_KEY) == fmt.FIT_WRITER:
+            found = _without_run_bookkeeping(found, like)
+        return _restore(path, like, prefix, found, fetch)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``{"metadata": <the dict given to save>, "format_version", "lightfn_version", "torch_version"}``.
+    """``{"metadata": <the dict given to save>, "hparams", "format_version", "lightfn_version", "torch_version"}``.
 
-    Reads only the header. For a safetensors file lightfn did not write, ``metadata`` is its
-    raw string-to-string ``__metadata__`` and the versions are ``None``.
+    Reads only the header. ``hparams`` is ``metadata["hparams"]``: the dict given to
+    ``lf.fit(..., hparams=...)`` for every checkpoint fit writes (Lightning's
+    ``save_hyperparameters``), else ``None``. For a safetensors file lightfn did not write,
+    ``metadata`` is its raw string-to-string ``__metadata__`` and the rest is ``None``.
     """
     path = Path(os.fspath(path))
     with fmt.open_checkpoint(path) as f:
         header = fmt.read_header(path, f)
     meta = fmt.parse_lightfn_meta(path, header.metadata, verify=True)
     if meta is None:
-        return {"metadata": dict(header.metadata), "format_version": None, "lightfn_version": None, "torch_version": None}
+        return {"metadata": dict(header.metadata), "hparams": None, "format_version": None, "lightfn_version": None,
+                "torch_version": None}
     return {
         "metadata": meta.user,
+        "hparams": meta.user.get(fmt.HPARAMS_KEY),
         "format_version": meta.format_version,
         "lightfn_version": meta.lightfn_version,
         "torch_version": meta.torch_version,
@@ -344,6 +357,15 @@ def _described_leaves(node: dict[str, Any], where: KeyPath) -> Iterator[tuple[Ke
             yield from _described_leaves(child, where + (entry,))
     elif node["kind"] != "none":
         yield where, node
+
+
+def _without_run_bookkeeping(found: dict[KeyPath, dict[str, Any]], like: PyTree) -> dict[KeyPath, dict[str, Any]]:
+    """A fit checkpoint's leaves less its loop/callback bookkeeping, unless ``like`` has those keys."""
+    if optree.tree_is_leaf(like, namespace=NAMESPACE):
+        return found
+    top = set(optree.tree_flatten_one_level(like, namespace=NAMESPACE).entries)
+    skip = {k for k in fmt.FIT_RUN_KEYS if k not in top}
+    return {p: node for p, node in found.items() if not (p and p[0] in skip)}
 
 
 def _rebuild(node: dict[str, Any], where: KeyPath, fetch: Callable[..., torch.Tensor]) -> Any:

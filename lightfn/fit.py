@@ -33,11 +33,12 @@ from .callbacks.lr_monitor import LearningRateMonitor
 from .callbacks.progress import ProgressBar
 from .data import iterate, num_batches
 from .errors import Preempted
+from .eval_sets import named_sets, prefix
 from .loggers.base import Logger
-from .loop import (FitError, Plan, Position, batch_dtype, configure_steps, first_batches, make_plan,
+from .loop import (FitError, Plan, Position, batch_dtype, configure_steps, first_batches, make_plan, move_batch,
                    positive, preemption_signal, resolve_device)
-from .resume import data_seed, pack
-from .runner import EvalRunner, TrainRunner, means, to_host
+from .resume import data_seed, pack, run_metadata
+from .runner import EvalRunner, TrainRunner, evaluate, means, to_host
 from .state import TrainState
 from .distributed.strategy import Spread, Strategy, setup_strategy
 
@@ -95,9 +96,17 @@ def fit(
         train_data: an ``lf.data.ArrayLoader`` (exact resume, no host copies), a
             ``torch.utils.data.DataLoader`` or any re-iterable of batches (see
             ``lf.data.iterate`` for what resume means for each).
-        val_data: batches for validation (needs ``eval_step``).
+        val_data: validation data (needs ``eval_step``): one loader (an
+            ``lf.data.ArrayLoader``, a ``DataLoader`` or a list of batches), logged as
+            ``val/<name>``; or several: a dict ``{"clean": a, "noisy": b}`` logged as
+            ``val/clean/<name>``, ``val/noisy/<name>``, or a list of loaders ``[a, b]``
+            logged as ``val/0/<name>``, ``val/1/<name>`` (a list is read as loaders only
+            when its elements are loaders, not batches; anything unclear is refused: see
+            :mod:`lightfn.eval_sets`). ``ModelCheckpoint`` / ``EarlyStopping`` may monitor
+            any of these names. ``limit_val_batches`` and ``num_sanity_val_steps`` count
+            per set.
         eval_step: ``(state, batch) -> metrics``, e.g. ``lf.eval_step(loss_fn)``; logged as
-            epoch means ``val/<name>``.
+            means over each validation run, weighted by rows: ``val/<name>``.
         max_epochs: stop after this many epochs (default 1000 when ``max_steps`` is not
             given either, like Lightning; -1: no limit).
         max_steps: stop after this many steps (-1 or None: no limit).
@@ -158,7 +167,9 @@ def fit(
             ``DistributedSampler``, whose ``set_epoch`` fit calls). A loader shuffled by an
             unseeded generator resumes at the right count in a *new* order, so some samples
             of that epoch are seen twice and others not at all; fit cannot detect that.
-        hparams: hyperparameters logged to every logger at the start.
+        hparams: hyperparameters (a JSON-able dict), logged to every logger at the start
+            and stored in the metadata of every checkpoint fit writes: read them back with
+            ``lf.read_metadata(path)["hparams"]`` (Lightning's ``save_hyperparameters``).
         ckpt_dir: where a SIGTERM writes ``last.safetensors`` (default: the first
             ModelCheckpoint's dirpath). On SIGTERM fit finishes the current step, writes
             it, and raises :class:`Preempted` (a clean ``SystemExit(0)``).
@@ -176,20 +187,22 @@ def fit(
         num_sanity_val_steps, val_check_interval, check_val_every_n_epoch = 0, None, 1
         loggers, progress = (), False
     device = resolve_device(device)
+    metadata = run_metadata(hparams)  # checks hparams before anything runs
+    val_sets = {} if val_data is None else named_sets(val_data)  # refuses an unclear form before anything runs
     step, state, eval_step = configure_steps(step, state, eval_step, precision, accumulate_grad_batches, gradient_clip_val)
     spread = setup_strategy(strategy, step, state, eval_step, callbacks)
     with spread.guard():  # from here on, the control group fit made is released however fit ends
         step, state, eval_step, device = spread.step, spread.state, spread.eval_step, spread.device(device)
-        train_data, val_data = spread.shard_data(train_data, "train_data"), spread.shard_data(val_data, "val_data")
+        train_data = spread.shard_data(train_data, "train_data")
+        val_sets = {name: spread.shard_data(data, _set_what(name)) for name, data in val_sets.items()}
         if overfit_batches:
             train_data = first_batches(train_data, overfit_batches)
-            val_data = train_data if eval_step is not None else val_data
+            val_sets = {None: train_data} if eval_step is not None else val_sets
             limit_train_batches = limit_val_batches = None
-        if val_data is not None and eval_step is None:
+        if val_sets and eval_step is None:
             raise FitError("val_data needs an eval_step, e.g. eval_step=lf.eval_step(loss_fn)")
-        has_val = val_data is not None and eval_step is not None
         plan = make_plan(
-            n_train=num_batches(train_data), n_val=num_batches(val_data) if has_val else None, has_val=has_val,
+            n_train=num_batches(train_data), n_val=tuple(num_batches(data) for data in val_sets.values()),
             max_epochs=max_epochs, max_steps=max_steps, max_time=max_time, min_epochs=min_epochs, min_steps=min_steps,
             check_val_every_n_epoch=check_val_every_n_epoch, val_check_interval=val_check_interval,
             num_sanity_val_steps=num_sanity_val_steps, limit_train_batches=limit_train_batches,
@@ -199,10 +212,11 @@ def fit(
         if ckpt_dir is None:
             ckpt_dir = next((cb.dirpath for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
         loop = _Loop(
-            plan=plan, train=TrainRunner(step, compile=jit), evaluate=EvalRunner(eval_step, compile=jit) if has_val else None,
-            state=_copy_to(state, device), train_data=train_data, val_data=val_data if has_val else None,
+            plan=plan, train=TrainRunner(step, compile=jit), evaluate=EvalRunner(eval_step, compile=jit) if val_sets else None,
+            state=_copy_to(state, device), train_data=train_data, val_sets=val_sets,
             callbacks=callbacks, loggers=list(loggers), device=device, writes=not fast_dev_run,
             ckpt_dir=None if ckpt_dir is None else Path(ckpt_dir), batch_dtype=batch_dtype(step), spread=spread,
+            metadata=metadata,
         )
         if resume_from is not None:
             loop.restore(_resume_path(resume_from, loop.ckpt_dir))
@@ -213,12 +227,13 @@ class _Loop:
     """The mutable parts of one fit run and the loop over them."""
 
     def __init__(self, *, plan: Plan, train: TrainRunner, evaluate: EvalRunner | None, state: Any, train_data: Any,
-                 val_data: Any, callbacks: list[Callback], loggers: list[Logger], device: torch.device, writes: bool,
-                 ckpt_dir: Path | None, batch_dtype: torch.dtype | None, spread: Spread) -> None:
+                 val_sets: dict[str | None, Any], callbacks: list[Callback], loggers: list[Logger], device: torch.device, writes: bool,
+                 ckpt_dir: Path | None, batch_dtype: torch.dtype | None, spread: Spread,
+                 metadata: Mapping[str, Any]) -> None:
         self.plan, self.train, self.evaluate, self.state = plan, train, evaluate, state
-        self.train_data, self.val_data, self.callbacks, self.loggers = train_data, val_data, callbacks, loggers
+        self.train_data, self.val_sets, self.callbacks, self.loggers = train_data, val_sets, callbacks, loggers
         self.device, self.writes, self.ckpt_dir, self.main = device, writes, ckpt_dir, spread.main
-        self.batch_dtype, self.spread = batch_dtype, spread
+        self.batch_dtype, self.spread, self.metadata = batch_dtype, spread, metadata
         self.log_lr = not any(isinstance(cb, LearningRateMonitor) for cb in callbacks)
         self.pos, self.acc, self.metrics = Position(), None, {}
         self.stop_reason, self.t0 = "", time.monotonic()
@@ -240,7 +255,7 @@ class _Loop:
                     for logger in self.loggers:
                         logger.log_hparams(dict(hparams))
                 self.emit(lambda cb, ctx: cb.on_fit_start(ctx))
-                if plan.sanity_batches:
+                if any(plan.sanity_batches):
                     self.validate("sanity")
                 if pos.batch and plan.validate_after_batch(pos) and pos.last_val_step != pos.step:
                     self.validate()  # resumed from a checkpoint written just before a due validation
@@ -306,14 +321,13 @@ class _Loop:
         self.acc = torch.zeros_like(self.acc)
 
     def validate(self, stage: str = "validate") -> None:
-        n = self.plan.sanity_batches if stage == "sanity" else self.plan.val_batches
-        data = iterate(self.val_data, 0)
-        acc = None
-        for batch in data if n is None else itertools.islice(data, n):
-            acc = self.evaluate(self.state, acc, self.to_device(batch))
-        if acc is None:
-            raise FitError("val_data yielded no batches (an empty dataset, or a batch size larger than the data?)")
-        values = to_host({f"val/{k}": v for k, v in means(self.spread.sum(acc), self.evaluate.names).items()})
+        counts = self.plan.sanity_batches if stage == "sanity" else self.plan.val_batches
+        values: dict[str, float] = {}
+        for (name, data), n in zip(self.val_sets.items(), counts):
+            if stage == "sanity" and n == 0:
+                continue  # this set's limit leaves no sanity batch; the others still run
+            values.update(evaluate(self.evaluate, self.state, iterate(data, 0), prefix=prefix("val", name), limit=n,
+                                   move=self.to_device, reduce=self.spread.sum, what=_set_what(name)))
         if stage == "sanity":  # not logged; callbacks see it only in this hook
             self.emit(lambda cb, ctx: cb.on_validation_end(ctx), stage=stage, extra=values)
             return
@@ -370,7 +384,7 @@ class _Loop:
         if self.writes:
             names = self.train.acc_names
             self.spread.save(path, pack(self.state, self.pos, self.acc, names, self.callbacks, data_seed(self.train_data),
-                                        self.elapsed(), self.metrics))
+                                        self.elapsed(), self.metrics), metadata=self.metadata)
 
     def preempt(self) -> Any:
         path = None if self.ckpt_dir is None or not self.writes else self.ckpt_dir / "last.safetensors"
@@ -399,11 +413,7 @@ class _Loop:
         return self.elapsed() if self.clock is None else self.clock
 
     def to_device(self, batch: Any) -> Any:
-        first = next((x for x in tree.leaves(batch) if isinstance(x, torch.Tensor)), None)
-        if first is not None and first.device != self.device:
-            batch = tree.to_device(batch, self.device, non_blocking=True)
-        # "*-true" precisions hold params in that dtype; floating inputs follow (as in Lightning).
-        return batch if self.batch_dtype is None else tree.cast(batch, self.batch_dtype)
+        return move_batch(batch, self.device, self.batch_dtype)
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -429,6 +439,10 @@ def _check_state_keys(callbacks: list[Callback]) -> None:
                 "arguments or override state_key"
             )
         seen[cb.state_key] = cb
+
+
+def _set_what(name: str | None) -> str:
+    return "val_data" if name is None else f"val_data[{name!r}]"
 
 
 def _resume_path(resume_from: str | os.PathLike[str], ckpt_dir: Path | None) -> Path:

@@ -9,7 +9,8 @@
   :meth:`lightfn.distributed.strategy.Spread.vote`).
 - What fit makes of its step and data arguments before looping: :func:`configure_steps`
   (precision, ``accumulate_grad_batches`` and ``gradient_clip_val`` applied to an
-  ``lf.TrainStep``), :func:`first_batches` (``overfit_batches``), :func:`batch_dtype`.
+  ``lf.TrainStep``), :func:`first_batches` (``overfit_batches``), :func:`batch_dtype` and
+  :func:`move_batch` (how each batch reaches the device; ``lf.validate`` uses them too).
 
 Running the steps with on-device metric accumulation lives in :mod:`lightfn.runner`.
 """
@@ -27,14 +28,14 @@ from typing import Any
 
 import torch
 
-from . import optim
+from . import optim, tree
 from .data import iterate, num_batches
 from .errors import FitError, LightfnError
 from .step import EvalStep, TrainStep
 from .transforms import Jitted
 
 __all__ = ["FitError", "Plan", "Position", "make_plan", "resolve_device", "preemption_signal",
-           "configure_steps", "first_batches", "batch_dtype", "positive"]
+           "configure_steps", "first_batches", "batch_dtype", "move_batch", "positive"]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -44,8 +45,9 @@ __all__ = ["FitError", "Plan", "Position", "make_plan", "resolve_device", "preem
 class Plan:
     """The resolved counting flags of one ``fit`` call (see ``fit``'s docstring).
 
-    ``train_batches``/``val_batches``: batches per epoch / per validation run (``None`` =
-    as many as the data yields). ``val_every``: validate after every that many batches
+    ``train_batches``: batches per epoch; ``val_batches`` / ``sanity_batches``: batches
+    per validation / sanity run, one count per validation set (``None`` = as many as the
+    data yields; empty without validation). ``val_every``: validate after every that many batches
     (``None``: at epoch end); counted over the whole run when ``val_check_every_n_epoch``
     is ``None``, else within each epoch.
     """
@@ -56,8 +58,8 @@ class Plan:
     min_epochs: int
     min_steps: int
     train_batches: int | None
-    val_batches: int | None
-    sanity_batches: int | None
+    val_batches: tuple[int | None, ...]
+    sanity_batches: tuple[int | None, ...]
     val_every: int | None
     check_val_every_n_epoch: int | None
     log_every_n_steps: int
@@ -130,8 +132,7 @@ def parse_max_time(max_time: Any) -> float | None:
 def make_plan(
     *,
     n_train: int | None,
-    n_val: int | None,
-    has_val: bool,
+    n_val: tuple[int | None, ...],
     max_epochs: int | None,
     max_steps: int | None,
     max_time: float | str | datetime.timedelta | None,
@@ -144,7 +145,13 @@ def make_plan(
     limit_val_batches: int | float | None,
     log_every_n_steps: int,
 ) -> Plan:
-    """Validate fit's counting flags and resolve them against the data's lengths."""
+    """Validate fit's counting flags and resolve them against the data's lengths.
+
+    ``n_val``: the batch count of each validation set (``None`` when unknown); empty without
+    validation. ``limit_val_batches`` and ``num_sanity_val_steps`` apply to each set, as
+    Lightning applies them to each val dataloader.
+    """
+    has_val = bool(n_val)
     if max_epochs is None and max_steps is None:
         max_epochs = 1000  # Lightning's default when neither limit is given
     if max_epochs is not None and max_epochs != -1:
@@ -162,11 +169,11 @@ def make_plan(
             "train_data has no batches (an empty dataset, or a batch size larger than the data with drop_last=True)"
         )
     train_batches = _count("limit_train_batches", limit_train_batches, n_train)
-    val_batches = _count("limit_val_batches", limit_val_batches, n_val) if has_val else 0
+    val_batches = tuple(_count("limit_val_batches", limit_val_batches, n) for n in n_val)
     if train_batches == 0:
         raise FitError(f"limit_train_batches={limit_train_batches!r} leaves no training batch")
     val_every = _val_every(val_check_interval, train_batches, check_val_every_n_epoch) if has_val else None
-    sanity = 0 if not has_val else (val_batches if num_sanity_val_steps == -1 else _min(num_sanity_val_steps, val_batches))
+    sanity = val_batches if num_sanity_val_steps == -1 else tuple(_min(num_sanity_val_steps, n) for n in val_batches)
     return Plan(
         max_epochs=None if max_epochs == -1 else max_epochs,
         max_steps=None if max_steps == -1 else max_steps,
@@ -279,11 +286,21 @@ def first_batches(data: Any, overfit: int | float) -> list[Any]:
 
 
 def batch_dtype(step: Any) -> torch.dtype | None:
-    """The dtype floating batches are cast to: that of a ``*-true`` precision, else None."""
+    """The dtype floating batches are cast to: that of a ``*-true`` precision (of an
+    ``lf.TrainStep`` or ``lf.EvalStep``), else None."""
     inner = step.fn if isinstance(step, Jitted) else step
-    if not isinstance(inner, TrainStep):
+    if not isinstance(inner, (TrainStep, EvalStep)):
         return None
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(inner.precision)
+
+
+def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``batch`` on ``device`` (without a host sync) and, for ``dtype``, its floating leaves cast."""
+    first = next((x for x in tree.leaves(batch) if isinstance(x, torch.Tensor)), None)
+    if first is not None and first.device != device:
+        batch = tree.to_device(batch, device, non_blocking=True)
+    # "*-true" precisions hold params in that dtype; floating inputs follow (as in Lightning).
+    return batch if dtype is None else tree.cast(batch, dtype)
 
 
 # ----------------------------------------------------------------------------- position

@@ -13,7 +13,12 @@ A fit checkpoint is one safetensors pytree (see :mod:`lightfn.checkpoint`) with
   logged host values (``logged``, JSON: what callbacks see as ``ctx.metrics``, so e.g. a
   checkpoint name or an epoch-end check right after a resume sees the same values);
 - ``"callbacks"``: each callback's non-empty ``state_dict()`` as JSON, under its
-  ``state_key``.
+  ``state_key``;
+- metadata (:func:`run_metadata`): ``{"written_by": "lightfn.fit"}`` plus ``"hparams"``
+  when fit was given ``hparams=``, read back with ``lf.read_metadata(path)["hparams"]``.
+
+``lf.load(path, like=train_state)`` skips ``"loop"`` and ``"callbacks"`` (the template has
+neither), so a fit checkpoint loads directly as the TrainState it holds.
 
 Because the data order is a pure function of (seed, epoch) and every random number a step
 draws comes from the state, restoring all of this continues a run at the exact batch: the
@@ -33,16 +38,17 @@ from typing import Any
 import torch
 
 from . import tree
+from ._ckpt_format import FIT_RUN_KEYS, FIT_WRITER, FIT_WRITER_KEY, HPARAMS_KEY
 from .callbacks.base import Callback
 from .callbacks.early_stopping import decode_float, encode_float
 from .checkpoint import load, save
 from .loop import FitError, Position
 from .state import TrainState
 
-__all__ = ["pack", "save_run", "restore_run", "data_seed"]
+__all__ = ["pack", "save_run", "restore_run", "run_metadata", "data_seed"]
 
 _log = logging.getLogger("lightfn.fit")
-_RESERVED = ("loop", "callbacks")
+_RESERVED = FIT_RUN_KEYS
 
 
 def data_seed(data: Any) -> str:
@@ -106,9 +112,31 @@ def pack(
     return {**_state_fields(state), "loop": loop, "callbacks": {k: json.dumps(v) for k, v in states.items() if v}}
 
 
-def save_run(path: str | os.PathLike[str], tree: dict[str, Any]) -> Path:
-    """Write a packed loop atomically."""
-    return save(path, tree, metadata={"written_by": "lightfn.fit"})
+def run_metadata(hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The metadata of every checkpoint fit writes: the fit mark, and ``hparams`` if given.
+
+    ``hparams`` is checked here, once, so a value JSON cannot hold fails when fit starts,
+    not at the first checkpoint an hour later.
+    """
+    meta: dict[str, Any] = {FIT_WRITER_KEY: FIT_WRITER}
+    if hparams is None:
+        return meta
+    if not isinstance(hparams, Mapping):
+        raise FitError(f"hparams must be a dict of hyperparameters, got {type(hparams).__name__}")
+    try:
+        # a JSON round trip: what read_metadata returns later (tuples become lists...)
+        meta[HPARAMS_KEY] = json.loads(json.dumps(dict(hparams)))
+    except (TypeError, ValueError) as e:
+        raise FitError(
+            f"hparams must be JSON-serializable (numbers, strings, bools, None, lists and dicts of them): {e}. "
+            "Convert such a value (e.g. str(path), a list for a tensor) or leave it out"
+        ) from None
+    return meta
+
+
+def save_run(path: str | os.PathLike[str], tree: dict[str, Any], metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write a packed loop atomically, with ``metadata`` (default: :func:`run_metadata` ``()``)."""
+    return save(path, tree, metadata=run_metadata() if metadata is None else metadata)
 
 
 def restore_run(

@@ -24,17 +24,18 @@ offending path or metric named, not deep inside the loop.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+import itertools
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 from . import tree
-from .errors import CompileError, LightfnError, StepError, TreeError
+from .errors import CompileError, FitError, LightfnError, StepError, TreeError
 from .step import describe
 from .transforms import Jitted, jit
 
-__all__ = ["TrainRunner", "EvalRunner", "batch_size", "means", "to_host"]
+__all__ = ["TrainRunner", "EvalRunner", "evaluate", "batch_size", "means", "to_host"]
 
 
 def batch_size(batch: Any) -> int:
@@ -228,3 +229,28 @@ class EvalRunner:
 
 def _eval_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: torch.Tensor, batch: Any) -> torch.Tensor:
     return accumulate(acc, step(state, batch), names, batch_size(batch))
+
+
+def evaluate(
+    runner: EvalRunner,
+    state: Any,
+    batches: Iterable[Any],
+    *,
+    prefix: str,
+    limit: int | None = None,
+    move: Callable[[Any], Any] = lambda batch: batch,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda acc: acc,
+    what: str = "val_data",
+) -> dict[str, float]:
+    """One evaluation pass: ``{prefix + name: mean}`` over ``batches`` (at most ``limit``).
+
+    Each mean is weighted by rows (the batch size), so a short last batch counts for what
+    it holds. ``move`` puts a batch on the device, ``reduce`` sums the accumulator over
+    ranks. fit's validation and ``lf.validate`` / ``lf.test`` are this same pass.
+    """
+    acc = None
+    for batch in batches if limit is None else itertools.islice(batches, limit):
+        acc = runner(state, acc, move(batch))
+    if acc is None:
+        raise FitError(f"{what} yielded no batches (an empty dataset, or a batch size larger than the data?)")
+    return to_host({f"{prefix}{k}": v for k, v in means(reduce(acc), runner.names).items()})

@@ -46,6 +46,7 @@ from . import tree
 from ._diagnostics import describe
 from .errors import StepError
 from .optim import GradientTransformation, apply_updates
+from .optim._checks import with_types_of
 from .state import LossScale, TrainState
 from .transforms import value_and_grad
 
@@ -111,7 +112,11 @@ def _scalar_metrics(loss: torch.Tensor, metrics: dict[str, Any]) -> dict[str, to
 
 def _check_state(state: Any) -> TrainState:
     if not isinstance(state, TrainState):
-        raise StepError(f"a lightfn step takes a TrainState as its first argument, got {type(state).__name__}")
+        hint = ""
+        if isinstance(state, dict) and {"params", "opt_state"} <= set(state):
+            # lf.load without a template gives the TrainState's fields as a dict
+            hint = "; a checkpoint loads as a TrainState with lf.load(path, like=state) (state: a fresh lf.TrainState)"
+        raise StepError(f"a lightfn step takes a TrainState as its first argument, got {type(state).__name__}{hint}")
     return state
 
 
@@ -180,7 +185,7 @@ class TrainStep:
         if scaling:
             finite = torch.stack([torch.isfinite(g).all() for g in tree.leaves(grads)]).all()
             params = tree.where(finite, params, state.params)
-            opt_state = tree.where(finite, opt_state, state.opt_state)
+            opt_state = tree.where(finite, opt_state, with_types_of(opt_state, state.opt_state))
             loss_scale = _update_loss_scale(state.loss_scale, finite)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, buffers=buffers, loss_scale=loss_scale)
         out = _scalar_metrics(loss, metrics)

@@ -252,6 +252,99 @@ def test_save_refuses_what_it_cannot_store_and_writes_nothing(tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []
 
 
+# ----------------------------------------------------------------------------- fit checkpoints
+
+
+def _tiny_fit(tmp_path: Path, opt: Any, **kw: Any) -> tuple[Any, Any, Any, Any]:
+    """A few eager fit steps of a linear regression that write last.safetensors: (step, fresh state, trained, batch)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+
+    def loss_fn(p: Any, batch: Any) -> torch.Tensor:
+        xb, yb = batch
+        return ((xb @ p["w"] + p["b"] - yb) ** 2).mean()
+
+    step = lf.train_step(loss_fn, opt)
+    fresh = lf.TrainState.create(params={"w": torch.zeros(3), "b": torch.zeros(())}, optimizer=opt)
+    ckpt = lf.callbacks.ModelCheckpoint(tmp_path, monitor="train/loss_epoch")
+    trained = lf.fit(step, fresh, lf.data.ArrayLoader((x, y), batch_size=8), max_epochs=2, jit=False, progress=False,
+                     callbacks=[ckpt], **kw)
+    return step, fresh, trained, (x[:8], y[:8])
+
+
+def test_fit_checkpoint_loads_into_a_train_state(tmp_path: Path) -> None:
+    opt = lf.optim.chain(lf.optim.clip_by_global_norm(1.0), lf.optim.adamw(0.05))
+    step, fresh, trained, batch = _tiny_fit(tmp_path, opt)
+    out = load(tmp_path / "last.safetensors", like=fresh)  # the loop/callback bookkeeping is skipped
+    assert isinstance(out, lf.TrainState) and type(out.opt_state[1]) is type(fresh.opt_state[1])
+    assert_same(out, trained)
+    assert int(out.step) == 6
+    # the loaded state trains on exactly like the one fit returned
+    assert_same(step(out, batch), step(trained, batch))
+    # the best top-k file too (same run, monitored by the epoch loss: the last epoch is best)
+    (best,) = tmp_path.glob("epoch=*.safetensors")
+    assert_same(load(best, like=fresh).params, trained.params)
+    # a template with the bookkeeping keys still gets them, and resume reads them as before
+    assert load(tmp_path / "last.safetensors", subtree="loop")["step"] == 6
+
+
+def test_only_fit_checkpoints_skip_their_bookkeeping(tmp_path: Path) -> None:
+    state = {"w": torch.ones(2), "loop": {"n": torch.zeros(())}}
+    p = save(tmp_path / "mine.safetensors", state)  # not written by fit: "loop" is the user's own
+    with pytest.raises(CheckpointError, match=r"\['loop'\]\['n'\]: in the file"):
+        load(p, like={"w": torch.zeros(2)})
+    old = save(tmp_path / "fit.safetensors", state, metadata={"written_by": "lightfn.fit"})  # as fit wrote it before hparams
+    assert torch.equal(load(old, like={"w": torch.zeros(2)})["w"], torch.ones(2))
+    assert read_metadata(old)["hparams"] is None
+
+
+@pytest.mark.parametrize("opt", [
+    lf.optim.chain(lf.optim.clip_by_global_norm(1.0), lf.optim.adamw(0.05)),
+    lf.optim.sgd(0.05, momentum=0.9),
+    lf.optim.inject_hyperparams(lf.optim.adam)(lr=0.01),
+    lf.optim.multi_steps(lf.optim.rmsprop(0.01), 2),
+], ids=["adamw-clipped", "sgd-momentum", "injected-adam", "multi-steps-rmsprop"])
+def test_a_state_loaded_without_a_template_steps_like_the_original(tmp_path: Path, opt: Any) -> None:
+    step, _, trained, batch = _tiny_fit(tmp_path, opt)
+    raw = load(tmp_path / "last.safetensors")  # nested dicts: NamedTuple optimizer states are dicts of fields
+    state = lf.TrainState(**{k: v for k, v in raw.items() if k not in ("loop", "callbacks")})
+    new, metrics = step(state, batch)  # the optimizer takes its state's dict form
+    expected, expected_metrics = step(trained, batch)
+    assert_same(new, expected)  # the same numbers, and the optimizer state is of its real types again
+    assert_same(metrics, expected_metrics)
+    with pytest.raises(lf.StepError, match=r"like=state"):
+        step(raw, batch)  # the dict itself is refused, saying how to load a TrainState
+
+
+def test_a_template_free_16_mixed_state_skips_an_inf_step_like_the_original(tmp_path: Path) -> None:
+    # a skipped fp16 step keeps the state it got: it must be blended with the new one in one structure
+    def loss_fn(p: Any, batch: Any) -> torch.Tensor:
+        return ((batch @ p["w"]) ** 2).mean()
+
+    step = lf.train_step(loss_fn, lf.optim.multi_steps(lf.optim.adam(0.1), 2), precision="16-mixed")
+    state = step.prepare_state(lf.TrainState.create(params={"w": torch.ones(2)}, optimizer=step.optimizer))
+    small = torch.full((4, 2), 0.01)
+    state, _ = step(state, small)
+    raw = load(save(tmp_path / "s.safetensors", state))
+    loaded = lf.TrainState(**raw)
+    loaded = loaded.replace(loss_scale=state.loss_scale)  # a pytree dataclass inside comes back as a dict too
+    for batch in (torch.full((4, 2), float("inf")), small, small):  # skipped, then taken (an update every 2)
+        state, _ = step(state, batch)
+        loaded, _ = step(loaded, batch)
+        assert_same(loaded, state)
+    assert float(state.loss_scale.scale) == 2.0**14  # 2**16 overflows fp16, then the inf step: two halvings
+    assert int(state.opt_state.gradient_step) == 1 and not torch.equal(state.params["w"], torch.ones(2))
+
+
+def test_a_dict_of_other_fields_is_still_a_different_optimizers_state() -> None:
+    opt = lf.optim.adam(0.1)
+    params = {"w": torch.zeros(2)}
+    state = opt.init(params)
+    with pytest.raises(lf.optim.StateMismatchError, match="made by a different optimizer"):
+        opt.update(params, ({"count": state[0].count, "mu": state[0].mu}, state[1]), params)  # no "nu"
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -372,7 +465,8 @@ def test_safetensors_file_not_written_by_lightfn_loads_flat(tmp_path: Path) -> N
     save_file({"enc.0.weight": w, "enc.0.bias": b, "head.weight": w.t().contiguous()}, str(p), metadata={"format": "pt"})
     out = load(p)
     assert set(out) == {"enc.0.weight", "enc.0.bias", "head.weight"} and torch.equal(out["enc.0.weight"], w)
-    assert read_metadata(p) == {"metadata": {"format": "pt"}, "format_version": None, "lightfn_version": None, "torch_version": None}
+    assert read_metadata(p) == {"metadata": {"format": "pt"}, "hparams": None, "format_version": None, "lightfn_version": None,
+                                "torch_version": None}
     sub = load(p, subtree="enc")
     assert set(sub) == {"0.weight", "0.bias"} and torch.equal(sub["0.bias"], b)
     like = {"enc": {"0": {"weight": torch.zeros(4, 3), "bias": torch.zeros(4)}}, "head.weight": torch.zeros(3, 4)}

@@ -263,6 +263,25 @@ def test_log_every_n_steps_lr_epoch_and_hparams():
     assert [s for s, _ in logger.values("train/mae_epoch")] == [5, 10]
 
 
+def test_hparams_are_stored_in_every_checkpoint_and_checked_before_training(tmp_path):
+    step, state, loader = setup()
+    hparams = {"lr": 0.05, "layers": (4, 1), "name": "linear", "nested": {"wd": None}}
+    run(step, state, loader, max_epochs=2, callbacks=[ModelCheckpoint(tmp_path, save_top_k=-1)], hparams=hparams)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert files == ["epoch=0-step=5.safetensors", "epoch=1-step=10.safetensors", "last.safetensors"]
+    for name in files:  # as JSON gives them back: the tuple is a list
+        assert lf.read_metadata(tmp_path / name)["hparams"] == {"lr": 0.05, "layers": [4, 1], "name": "linear", "nested": {"wd": None}}
+    resumed = run(step, state, loader, max_epochs=3, resume_from=tmp_path / "last.safetensors", hparams={"lr": 0.05},
+                  callbacks=[ModelCheckpoint(tmp_path / "more")])
+    assert int(resumed.step) == 15 and lf.read_metadata(tmp_path / "more" / "last.safetensors")["hparams"] == {"lr": 0.05}
+    logger = MemoryLogger()
+    with pytest.raises(FitError, match=r"hparams must be JSON-serializable .*device"):
+        run(step, state, loader, max_epochs=1, loggers=[logger], hparams={"device": torch.device("cpu")})
+    assert logger.rows == [] and logger.hparams is None  # refused before anything ran
+    with pytest.raises(FitError, match="hparams must be a dict"):
+        run(step, state, loader, max_epochs=1, hparams=[("lr", 0.1)])
+
+
 def test_lr_is_logged_once_by_fit_or_by_a_learning_rate_monitor():
     step, state, loader = setup(opt=lf.optim.adam(lf.optim.linear_schedule(0.01, 0.0, 10)))
     own, monitored = MemoryLogger(), MemoryLogger()
@@ -499,6 +518,72 @@ def test_misconfigurations_are_refused_with_what_to_do(tmp_path):
         run(step, state, loader, max_epochs=2, callbacks=[ModelCheckpoint(tmp_path, monitor="train/los")])
     with pytest.raises(FitError, match="returned a str"):
         run(step, state, loader, callbacks=[type("Bad", (Callback,), {"on_fit_start": lambda self, ctx: "stop"})()])
+
+
+# ----------------------------------------------------------------------------- several validation sets
+
+
+def _val_set(n, seed, batch_size):
+    x, y, _ = problem(n, seed)
+    return lf.data.ArrayLoader((x, y), batch_size=batch_size, shuffle=False, drop_last=False)
+
+
+def test_a_dict_of_validation_sets_logs_each_under_its_name_and_can_be_monitored(tmp_path):
+    step, state, loader = setup()
+    clean, noisy = _val_set(12, 1, 5), _val_set(9, 2, 4)  # uneven last batches in both
+    logger, rec = MemoryLogger(), Recorder()
+    ckpt = ModelCheckpoint(tmp_path, monitor="val/noisy/loss", save_top_k=1)
+    stopper = lf.callbacks.EarlyStopping(monitor="val/clean/mae", patience=5)
+    evaluate = lf.eval_step(loss_fn)
+    out = run(step, state, loader, val_data={"clean": clean, "noisy": noisy}, eval_step=evaluate, max_epochs=3,
+              loggers=[logger], callbacks=[rec, ckpt, stopper])
+    names = {k for row in logger.by_step().values() for k in row if k.startswith("val/")}
+    assert names == {"val/clean/loss", "val/clean/mae", "val/noisy/loss", "val/noisy/mae"}
+    last = logger.by_step()[15]
+    # each set's values are exactly lf.validate's on that set alone
+    for name, data in (("clean", clean), ("noisy", noisy)):
+        alone = lf.validate(evaluate, out, data, progress=False)
+        assert (last[f"val/{name}/loss"], last[f"val/{name}/mae"]) == (alone["val/loss"], alone["val/mae"])
+    assert lf.validate(evaluate, out, {"clean": clean, "noisy": noisy}, progress=False) == {
+        k: v for k, v in last.items() if k.startswith("val/")}
+    noisy_losses = [v for _, v in logger.values("val/noisy/loss")]
+    assert len(noisy_losses) == 3 and ckpt.best_model_score == min(noisy_losses)
+    assert "val_noisy_loss=" in ckpt.best_model_path
+    assert stopper.state_dict()["best_score"] == min(v for _, v in logger.values("val/clean/mae"))
+    sanity = [m for e, m in zip(rec.events, rec.metrics) if e[1] == "sanity"]
+    assert len(sanity) == 1 and {"val/clean/loss", "val/noisy/loss"} <= set(sanity[0])  # both sets sanity-checked
+
+
+def test_a_list_of_loaders_is_named_by_position_and_a_list_of_batches_stays_one_set():
+    step, state, loader = setup()
+    x, y, _ = problem(8, 3)
+    evaluate = lf.eval_step(loss_fn)
+    logger = MemoryLogger()
+    out = run(step, state, loader, val_data=[_val_set(10, 1, 4), [(x[:5], y[:5]), (x[5:], y[5:])]], eval_step=evaluate,
+              max_epochs=1, loggers=[logger], limit_val_batches=1)
+    row = logger.by_step()[5]
+    assert {k for k in row if k.startswith("val/")} == {"val/0/loss", "val/0/mae", "val/1/loss", "val/1/mae"}
+    assert row["val/1/loss"] == pytest.approx(loss_fn(out.params, (x[:5], y[:5]))[0].item(), rel=1e-6)  # 1 batch per set
+    logger = MemoryLogger()
+    run(step, state, loader, val_data=[(x[:5], y[:5]), (x[5:], y[5:])], eval_step=evaluate, max_epochs=1, loggers=[logger])
+    assert {k for k in logger.by_step()[5] if k.startswith("val/")} == {"val/loss", "val/mae"}
+
+
+def test_unclear_validation_data_is_refused_saying_what_to_pass():
+    step, state, loader = setup()
+    x, y, _ = problem(8, 3)
+    evaluate = lf.eval_step(loss_fn)
+    forms = r"pass one loader .*a dict of name -> loader .*a list of loaders"
+    with pytest.raises(FitError, match=r"val_data\['x'\] is a tensor .*not a loader.*val_data=\[batch\]"):
+        run(step, state, loader, val_data={"x": x, "y": y}, eval_step=evaluate)  # one batch given as a dict
+    with pytest.raises(FitError, match=r"mixes batches \(val_data\[0\] is a tuple.*loaders \(val_data\[1\] is a ArrayLoader\); " + forms):
+        run(step, state, loader, val_data=[(x, y), _val_set(8, 1, 4)], eval_step=evaluate)
+    with pytest.raises(FitError, match=r"val_data\[1\] is an empty list, neither a batch"):
+        run(step, state, loader, val_data=[[(x, y)], []], eval_step=evaluate)
+    with pytest.raises(FitError, match="non-empty strings without '/'"):
+        run(step, state, loader, val_data={"a/b": [(x, y)]}, eval_step=evaluate)
+    with pytest.raises(FitError, match="an empty dict"):
+        run(step, state, loader, val_data={}, eval_step=evaluate)
 
 
 # ----------------------------------------------------------------------------- compiled

@@ -50,7 +50,9 @@ class Context:
         metrics: the latest logged values by name (``"train/loss"``, ``"train/loss_epoch"``,
             ``"val/loss"``, ``"lr"``, ``"epoch"``...): host floats, refreshed at log points,
             after validation and at epoch end.
-        stage: ``"train"``, ``"validate"`` or ``"sanity"``.
+        stage: ``"train"``, ``"validate"`` or ``"sanity"`` inside fit; ``"eval"`` /
+            ``"test"`` in ``on_validation_end`` called by ``lf.validate`` / ``lf.test``
+            (a standalone evaluation: not part of any run, so fit's callbacks ignore it).
         is_main: True on the process that logs and writes files (rank 0).
         elapsed: seconds since fit started.
     """

@@ -66,7 +66,9 @@ class ModelCheckpoint(Callback):
         save_on_exception: when fit raises, save ``exception-epoch=E-step=S.safetensors``.
 
     Attributes:
-        best_model_path: the best file so far (``""`` before the first save).
+        best_model_path: the best file so far (``None`` before the first ranked save);
+            ``lf.test(evaluate, lf.load(ckpt.best_model_path, like=state), test_data)``
+            scores it.
         best_model_score: its monitored value (``None`` without ``monitor``).
         best_k_models: ``{path: score}`` of the files kept.
         last_model_path: the latest ``last.safetensors`` written.
@@ -112,7 +114,7 @@ class ModelCheckpoint(Callback):
         self.train_time_interval = None if train_time_interval is None else parse_duration(train_time_interval)
         self.save_on_exception = save_on_exception
         self.best_k_models: dict[str, float] = {}
-        self.best_model_path = ""
+        self._best_model_path: str | None = None
         self.best_model_score: float | None = None
         self.last_model_path = ""
         self._last_saved_step = -1
@@ -129,6 +131,12 @@ class ModelCheckpoint(Callback):
             f"every_n_steps={self.every_n_steps}, every_n_epochs={self.every_n_epochs}, "
             f"train_time_interval={self.train_time_interval}]"
         )
+
+    @property
+    def best_model_path(self) -> str | None:
+        """The path of the best checkpoint so far (by ``monitor``; without one, the latest
+        kept), or ``None`` before the first: what ``lf.load(path, like=state)`` takes."""
+        return self._best_model_path
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -198,7 +206,7 @@ class ModelCheckpoint(Callback):
                     delete += [Path(p) for p in self.best_k_models if p != str(path)]
                     self.best_k_models = {}
                 self.best_k_models[str(path)] = math.nan
-                self.best_model_path = str(path)
+                self._best_model_path = str(path)
                 save.append(path)
             elif self.monitor in ctx.metrics:
                 save_path, dropped = self._rank(ctx, float(ctx.metrics[self.monitor]))
@@ -225,7 +233,7 @@ class ModelCheckpoint(Callback):
             dropped = []
         kept[str(path)] = score
         best = min(kept, key=lambda p: kept[p] if self.mode == "min" else -kept[p])
-        self.best_model_path, self.best_model_score = best, kept[best]
+        self._best_model_path, self.best_model_score = best, kept[best]
         return path, dropped
 
     def _path(self, ctx: Context, score: float | None) -> Path:
@@ -251,7 +259,7 @@ class ModelCheckpoint(Callback):
         return {
             "dirpath": str(self.dirpath),
             "best_k_models": [[p, encode_float(s)] for p, s in self.best_k_models.items()],
-            "best_model_path": self.best_model_path,
+            "best_model_path": self._best_model_path or "",  # "" for none, as checkpoints always held
             "best_model_score": None if self.best_model_score is None else encode_float(self.best_model_score),
             "last_model_path": self.last_model_path,
             "last_saved_step": self._last_saved_step,
@@ -259,7 +267,7 @@ class ModelCheckpoint(Callback):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best_k_models = {p: decode_float(s) for p, s in state["best_k_models"]}
-        self.best_model_path = state["best_model_path"]
+        self._best_model_path = state["best_model_path"] or None
         score = state["best_model_score"]
         self.best_model_score = None if score is None else decode_float(score)
         self.last_model_path = state["last_model_path"]

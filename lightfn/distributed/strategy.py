@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from ..callbacks.base import Callback
 from ..data import ArrayLoader
 from ..loop import FitError
-from ..resume import restore_run, save_run
+from ..resume import restore_run, run_metadata, save_run
 from ..state import TrainState
 from ..step import EvalStep, TrainStep
 from ..transforms import Jitted
@@ -235,29 +235,32 @@ class Spread:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike[str], packed: dict[str, Any], *, agreed: bool = True) -> None:
-        """Write a packed fit checkpoint (see :mod:`lightfn.resume`).
+    def save(self, path: str | os.PathLike[str], packed: dict[str, Any], *, agreed: bool = True,
+             metadata: Mapping[str, Any] | None = None) -> None:
+        """Write a packed fit checkpoint (see :mod:`lightfn.resume`) with ``metadata``
+        (default: :func:`lightfn.resume.run_metadata` ``()``).
 
         ``agreed``: every rank calls this for the same path now (all saves fit makes from
         callback signals and on SIGTERM). A save from one rank alone (``on_exception``) is
         written by rank 0 with its own metric sums, or skipped for a sharded state.
         """
         mesh = self.mesh
+        metadata = run_metadata() if metadata is None else metadata
         if not self.active:
             if self.main:
-                save_run(path, packed)
+                save_run(path, packed, metadata)
             return
         if agreed and mesh.distributed and packed["loop"]["acc"] is not None:
             packed = {**packed, "loop": {**packed["loop"], "acc": self.sum(packed["loop"]["acc"])}}
         if not self.fsdp:
             if mesh.is_main:
-                save_run(path, packed)
+                save_run(path, packed, metadata)
             return
         if not agreed:
             if mesh.is_main:
                 _log.warning("not writing %s: a fully sharded checkpoint needs every rank, and this save is not", path)
             return
-        save_sharded(path, packed, mesh, gather=self.strategy.gather_checkpoints, metadata={"written_by": "lightfn.fit"})
+        save_sharded(path, packed, mesh, gather=self.strategy.gather_checkpoints, metadata=metadata)
 
     def restore(self, path: Path, state: Any, callbacks: Sequence[Callback], seed: str) -> tuple[Any, ...]:
         """:func:`lightfn.resume.restore_run` for this strategy (same result tuple) from a

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import optree
 import torch
 
 from .. import tree as _tree
@@ -18,6 +19,7 @@ __all__ = [
     "StateMismatchError",
     "OptimizerConfigError",
     "check_state",
+    "with_types_of",
     "check_params",
     "check_match",
     "tensor_leaves",
@@ -26,15 +28,44 @@ __all__ = [
 ]
 
 
-def check_state(state: Any, expected: type, transform: str) -> None:
-    """Raise :class:`StateMismatchError` unless ``state`` is exactly of type ``expected``."""
-    if type(state) is not expected:
-        got = f"a tuple of {len(state)} states" if type(state) is tuple else describe_type(type(state))
-        raise StateMismatchError(
-            f"{transform} expected its state to be {describe_type(expected)}, got {got}. "
-            "This optimizer state was made by a different optimizer (or a differently configured one): "
-            "create it with this optimizer's init(params)."
-        )
+def check_state(state: Any, expected: type, transform: str) -> Any:
+    """``state`` as an ``expected`` (a NamedTuple state type); :class:`StateMismatchError` if it is not one.
+
+    A dict with exactly ``expected``'s fields is taken as that state: it is what a
+    checkpoint loaded without a template (``lf.load(path)``) holds, since lightfn never
+    rebuilds a class named in a file. So an optimizer state read back that way steps like
+    the original (the state it returns is of the real type). Callers use the result.
+    """
+    if type(state) is expected:
+        return state
+    if type(state) is dict and set(state) == set(expected._fields):
+        return expected(**state)
+    got = f"a tuple of {len(state)} states" if type(state) is tuple else describe_type(type(state))
+    raise StateMismatchError(
+        f"{transform} expected its state to be {describe_type(expected)}, got {got}. "
+        "This optimizer state was made by a different optimizer (or a differently configured one): "
+        "create it with this optimizer's init(params)."
+    )
+
+
+def with_types_of(template: Any, state: Any) -> Any:
+    """``state`` with ``template``'s NamedTuple types wherever it holds their dict form.
+
+    An update that blends the state it got with the one it made (``tree.where`` in
+    ``multi_steps``, a skipped fp16 step) needs both in one structure; the state it got may
+    be the dict form :func:`check_state` accepts, the state it made never is.
+    """
+    if optree.is_namedtuple(template):
+        if type(state) is dict and set(state) == set(template._fields):
+            return type(template)(**{f: with_types_of(getattr(template, f), state[f]) for f in template._fields})
+        if type(state) is type(template):
+            return type(template)(*(with_types_of(t, x) for t, x in zip(template, state)))
+        return state
+    if type(template) in (tuple, list) and type(state) is type(template) and len(state) == len(template):
+        return type(template)(with_types_of(t, x) for t, x in zip(template, state))
+    if type(template) is dict and type(state) is dict and set(state) == set(template):
+        return {k: with_types_of(template[k], x) for k, x in state.items()}
+    return state
 
 
 def check_params(params: Any, transform: str, *, floating: bool = True) -> None:

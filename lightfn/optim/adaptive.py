@@ -94,7 +94,7 @@ def scale_by_adam(
         return ScaleByAdamState(zero_count(params), zeros(params), zeros(params), zeros(params) if amsgrad else None)
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByAdamState]:
-        check_state(state, ScaleByAdamState, "scale_by_adam")
+        state = check_state(state, ScaleByAdamState, "scale_by_adam")
         if (state.nu_max is not None) != amsgrad:
             raise StateMismatchError(
                 f"scale_by_adam(amsgrad={amsgrad}) got a state made with amsgrad={not amsgrad}: "
@@ -131,7 +131,7 @@ def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0
         return ScaleByRmsState(_tree.map(lambda p: torch.full_like(p, initial_scale), params))
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByRmsState]:
-        check_state(state, ScaleByRmsState, "scale_by_rms")
+        state = check_state(state, ScaleByRmsState, "scale_by_rms")
         check_match(state.nu, updates, what="scale_by_rms: updates vs second moment (shaped like params)")
         nu = _tree.map(lambda g, v: torch.addcmul(v * decay, g, g, value=1.0 - decay), updates, state.nu)
         out = _tree.map(lambda g, v: g / (torch.sqrt(v) + eps), updates, nu)
@@ -150,7 +150,7 @@ def scale_by_stddev(decay: float = 0.9, eps: float = 1e-8, initial_scale: float 
         return ScaleByStddevState(_tree.zeros_like(params), _tree.map(lambda p: torch.full_like(p, initial_scale), params))
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByStddevState]:
-        check_state(state, ScaleByStddevState, "scale_by_stddev")
+        state = check_state(state, ScaleByStddevState, "scale_by_stddev")
         check_match(state.nu, updates, what="scale_by_stddev: updates vs second moment (shaped like params)")
         mu = _tree.map(lambda g, m: torch.lerp(m, g, 1.0 - decay), updates, state.mu)
         nu = _tree.map(lambda g, v: torch.addcmul(v * decay, g, g, value=1.0 - decay), updates, state.nu)
@@ -171,7 +171,7 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> 
         return ScaleByRssState(_tree.map(lambda p: torch.full_like(p, initial_accumulator_value), params))
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByRssState]:
-        check_state(state, ScaleByRssState, "scale_by_rss")
+        state = check_state(state, ScaleByRssState, "scale_by_rss")
         check_match(state.sum_of_squares, updates, what="scale_by_rss: updates vs sum of squares (shaped like params)")
         sums = _tree.map(lambda g, s: torch.addcmul(s, g, g), updates, state.sum_of_squares)
         out = _tree.map(lambda g, s: g / (torch.sqrt(s) + eps), updates, sums)
@@ -190,7 +190,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         return ScaleByLionState(zero_count(params), _tree.zeros_like(params))
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByLionState]:
-        check_state(state, ScaleByLionState, "scale_by_lion")
+        state = check_state(state, ScaleByLionState, "scale_by_lion")
         check_match(state.mu, updates, what="scale_by_lion: updates vs momentum (shaped like params)")
         out = _tree.map(lambda g, m: torch.sign(b1 * m + (1.0 - b1) * g), updates, state.mu)
         mu = _tree.map(lambda g, m: b2 * m + (1.0 - b2) * g, updates, state.mu)

@@ -69,7 +69,7 @@ def identity() -> GradientTransformation:
         return EmptyState()
 
     def update(updates: PyTree, state: OptState, params: PyTree | None = None) -> tuple[PyTree, EmptyState]:
-        check_state(state, EmptyState, "identity")
+        state = check_state(state, EmptyState, "identity")
         return updates, state
 
     return GradientTransformation(init, update)

@@ -31,7 +31,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return EmptyState()
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, EmptyState]:
-        check_state(state, EmptyState, "clip_by_global_norm")
+        state = check_state(state, EmptyState, "clip_by_global_norm")
         # (a flat list: see tensor_leaves for why not the masked tree itself)
         norm = _tree.global_norm(tensor_leaves(updates))
         factor = torch.clamp(max_norm / (norm + _NORM_EPS), max=1.0)
@@ -50,7 +50,7 @@ def clip(max_delta: float) -> GradientTransformation:
         return EmptyState()
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, EmptyState]:
-        check_state(state, EmptyState, "clip")
+        state = check_state(state, EmptyState, "clip")
         return _tree.map(lambda g: torch.clamp(g, -max_delta, max_delta), updates), state
 
     return GradientTransformation(init, update)

@@ -132,7 +132,7 @@ def inject_hyperparams(
             return InjectHyperparamsState(count, hyper, inner(hyper).init(params))
 
         def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, InjectHyperparamsState]:
-            check_state(state, InjectHyperparamsState, "inject_hyperparams")
+            state = check_state(state, InjectHyperparamsState, "inject_hyperparams")
             if not isinstance(state.hyperparams, dict) or set(state.hyperparams) != set(injected):
                 raise StateMismatchError(
                     f"inject_hyperparams expected hyperparams {sorted(injected)} in its state, got "

@@ -117,7 +117,7 @@ def masked(inner: GradientTransformation, mask: PyTree | Callable[[PyTree], PyTr
         return MaskedState(inner.init(_select(full, params)))
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, MaskedState]:
-        check_state(state, MaskedState, "masked")
+        state = check_state(state, MaskedState, "masked")
         if params is not None:
             check_match(params, updates, what="masked: updates vs params")
         # The mask is a tree of Python bools: it is walked with map only (computing its
@@ -172,7 +172,7 @@ def multi_transform(
         return MultiTransformState({label: t.init(params) for label, t in inner.items()})
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, MultiTransformState]:
-        check_state(state, MultiTransformState, "multi_transform")
+        state = check_state(state, MultiTransformState, "multi_transform")
         if not isinstance(state.inner_states, dict) or set(state.inner_states) != set(inner):
             got = _labels(state.inner_states) if isinstance(state.inner_states, dict) else repr(state.inner_states)
             raise StateMismatchError(

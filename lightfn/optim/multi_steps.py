@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import tree as _tree
-from ._checks import OptimizerConfigError, check_match, check_params, check_state, zero_count
+from ._checks import OptimizerConfigError, check_match, check_params, check_state, with_types_of, zero_count
 from .base import GradientTransformation, PyTree, call_inner
 
 __all__ = ["MultiStepsState", "multi_steps"]
@@ -45,7 +45,7 @@ def multi_steps(opt: GradientTransformation, every_k: int) -> GradientTransforma
         return MultiStepsState(zero_count(params), zero_count(params), opt.init(params), _tree.zeros_like(params))
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, MultiStepsState]:
-        check_state(state, MultiStepsState, "multi_steps")
+        state = check_state(state, MultiStepsState, "multi_steps")
         check_match(state.acc_grads, updates, what="multi_steps: updates vs accumulated grads (shaped like params)")
         # Running mean, so the accumulator never grows with k (safe in low precision).
         # (an int64 0-d divisor keeps each leaf's float dtype and is exact for any k).
@@ -57,7 +57,7 @@ def multi_steps(opt: GradientTransformation, every_k: int) -> GradientTransforma
         new_state = MultiStepsState(
             mini_step=torch.where(final, torch.zeros_like(state.mini_step), state.mini_step + 1),
             gradient_step=state.gradient_step + final.to(state.gradient_step.dtype),
-            inner_state=_tree.where(final, inner_state, state.inner_state),
+            inner_state=_tree.where(final, inner_state, with_types_of(inner_state, state.inner_state)),
             acc_grads=_tree.map(lambda a: torch.where(final, torch.zeros_like(a), a), acc),
         )
         return out, new_state

@@ -61,7 +61,7 @@ def scale(step_size: float) -> GradientTransformation:
         return EmptyState()
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, EmptyState]:
-        check_state(state, EmptyState, "scale")
+        state = check_state(state, EmptyState, "scale")
         return _tree.map(lambda g: g * step_size, updates), state
 
     return GradientTransformation(init, update)
@@ -94,7 +94,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         return ScaleByLearningRateState(count, _as_scalar(_value_at(learning_rate, count), count.device))
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByLearningRateState]:
-        check_state(state, ScaleByLearningRateState, "scale_by_learning_rate")
+        state = check_state(state, ScaleByLearningRateState, "scale_by_learning_rate")
         if callable(learning_rate) or isinstance(learning_rate, torch.Tensor):
             (lr,) = once_per_step(_as_scalar(_value_at(learning_rate, state.count), state.count.device))
             factor: float | torch.Tensor = lr * sign
@@ -135,7 +135,7 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> Gradient
         return EmptyState()
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, EmptyState]:
-        check_state(state, EmptyState, "add_decayed_weights")
+        state = check_state(state, EmptyState, "add_decayed_weights")
         if params is None:
             raise StepError("add_decayed_weights needs the params: call opt.update(grads, opt_state, params)")
         check_match(params, updates, what="add_decayed_weights: updates vs params")
@@ -158,7 +158,7 @@ def trace(decay: float, nesterov: bool = False, dampening: float = 0.0) -> Gradi
         return TraceState(zero_count(params), _tree.zeros_like(params))
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, TraceState]:
-        check_state(state, TraceState, "trace")
+        state = check_state(state, TraceState, "trace")
         check_match(state.trace, updates, what="trace: updates vs momentum buffer (shaped like params)")
         if dampening == 0.0:
             new_trace = _tree.map(lambda g, t: g + decay * t, updates, state.trace)
@@ -185,7 +185,7 @@ def set_to_zero() -> GradientTransformation:
         return EmptyState()
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, EmptyState]:
-        check_state(state, EmptyState, "set_to_zero")
+        state = check_state(state, EmptyState, "set_to_zero")
         return _tree.zeros_like(updates), state
 
     return GradientTransformation(init, update)
