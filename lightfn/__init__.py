@@ -15,6 +15,7 @@ from .export import export, export_aot, export_onnx
 from .fit import fit
 from .errors import FitError
 from .module import functionalize
+from .per_sample import per_sample_grad
 from .predict import predict
 from .state import LossScale, TrainState
 from .step import EvalStep, TrainStep, eval_step, train_step
@@ -40,6 +41,7 @@ __all__ = [
     "jit",
     # functional superpowers
     "ensemble",
+    "per_sample_grad",
     # state and steps
     "TrainState",
     "LossScale",

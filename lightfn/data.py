@@ -36,7 +36,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from . import tree as _tree
 from .errors import DataError
 
-__all__ = ["DataError", "ArrayLoader", "iterate", "num_batches"]
+__all__ = ["DataError", "ArrayLoader", "MaskedBatch", "iterate", "num_batches"]
 
 # A shuffled epoch gathers rows in chunks of about this many bytes and yields batches as
 # views into each chunk: one index_select per leaf per chunk amortizes the per-call cost,
@@ -47,6 +47,23 @@ _CHUNK_BYTES = 2 << 20
 # Mixes (seed, epoch) into one 64-bit generator seed (splitmix64 constants), so nearby
 # seeds and epochs give unrelated permutations.
 _MASK64 = (1 << 64) - 1
+
+
+@_tree.pytree_dataclass
+class MaskedBatch:
+    """A fixed-capacity batch whose rows are real only where ``mask`` is True.
+
+    ``data`` has the structure of the loader's data (every tensor leaf has ``capacity``
+    rows); ``mask`` is a bool tensor of shape ``(capacity,)`` on the data's device. Rows
+    where it is False are padding: their values are real rows of the dataset (so a loss
+    stays finite on them) but they must not count. :func:`lightfn.privacy.dp_train_step`
+    and :func:`lightfn.per_sample_grad` honour the mask (such rows get zero gradient); a
+    hand-written loss reads ``batch.data`` and weights rows by ``batch.mask``. A pytree, so
+    it passes through ``lf.jit`` and ``lf.fit`` like any batch, and its shape never changes.
+    """
+
+    data: Any
+    mask: torch.Tensor
 
 
 def _mix_seed(seed: int, epoch: int) -> int:
