@@ -7,13 +7,13 @@ safetensors. See README.md for the quickstart and the Lightning -> lightfn table
 
 from __future__ import annotations
 
-from . import callbacks, data, distributed, loggers, optim, random, tree
+from . import callbacks, data, distributed, loggers, optim, privacy, random, tree
 from .errors import CheckpointError, CompileError, DistributedError, ExportError, LightfnError, StepError, TreeError
 from .checkpoint import load, read_metadata, save
 from .ensemble import ensemble
 from .export import export, export_aot, export_onnx
 from .fit import fit
-from .errors import FitError
+from .errors import FitError, PrivacyError
 from .module import functionalize
 from .per_sample import per_sample_grad
 from .predict import predict
@@ -33,6 +33,7 @@ __all__ = [
     "callbacks",
     "loggers",
     "distributed",
+    "privacy",
     # models and transforms
     "functionalize",
     "grad",
@@ -69,4 +70,5 @@ __all__ = [
     "ExportError",
     "DistributedError",
     "FitError",
+    "PrivacyError",
 ]
