@@ -181,3 +181,85 @@ def test_compiled_dp_step_is_one_graph_and_matches_eager():
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
+
+
+# ------------------------------------------------------------------ accountant
+
+
+@pytest.mark.parametrize(
+    "sigma,q,steps,delta",
+    [(1.1, 0.01, 1000, 1e-5), (0.8, 0.004, 10_000, 1e-5), (2.0, 0.05, 500, 1e-6), (1.0, 1.0, 10, 1e-5), (5.0, 0.2, 50, 1e-3)],
+)
+def test_epsilon_matches_opacus_rdp_accountant(sigma, q, steps, delta):
+    pytest.importorskip("dp_accounting", reason="install lightfn[privacy]")
+    opacus_accountants = pytest.importorskip("opacus.accountants", reason="install lightfn[dev]")
+    ref = opacus_accountants.RDPAccountant()
+    for _ in range(steps):
+        ref.step(noise_multiplier=sigma, sample_rate=q)
+    want = ref.get_epsilon(delta)
+    got = lf.privacy.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+    assert got == pytest.approx(want, rel=0.02)
+    # The PLD accountant is tighter than RDP's bound, never looser.
+    pld = lf.privacy.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant="pld")
+    assert 0 < pld <= got * 1.001
+
+
+def test_epsilon_edges_and_max_steps():
+    pytest.importorskip("dp_accounting", reason="install lightfn[privacy]")
+    assert lf.privacy.epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=0, delta=1e-5) == 0.0
+    assert lf.privacy.epsilon(noise_multiplier=0.0, sample_rate=0.1, steps=5, delta=1e-5) == math.inf
+    eps = [lf.privacy.epsilon(noise_multiplier=1.5, sample_rate=0.05, steps=t, delta=1e-5) for t in (10, 100, 1000)]
+    assert eps[0] < eps[1] < eps[2]
+    t = lf.privacy.max_steps(noise_multiplier=1.5, sample_rate=0.05, delta=1e-5, target_epsilon=eps[1])
+    assert t == 100  # epsilon(100) fits exactly, 101 does not
+    assert lf.privacy.max_steps(noise_multiplier=1.5, sample_rate=0.05, delta=1e-5, target_epsilon=1e-6) == 0
+
+
+def test_accountant_arguments_are_checked(monkeypatch):
+    with pytest.raises(lf.PrivacyError, match="sample_rate"):
+        lf.privacy.epsilon(noise_multiplier=1.0, sample_rate=0.0, steps=1, delta=1e-5)
+    with pytest.raises(lf.PrivacyError, match="delta"):
+        lf.privacy.epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=1.0)
+    with pytest.raises(lf.PrivacyError, match="accountant"):
+        lf.privacy.epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=1e-5, accountant="gdp")
+    with pytest.raises(lf.PrivacyError, match="steps"):
+        lf.privacy.epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=-1, delta=1e-5)
+    monkeypatch.setitem(__import__("sys").modules, "dp_accounting", None)  # as if not installed
+    with pytest.raises(lf.PrivacyError, match=r"pip install 'lightfn\[privacy\]'"):
+        lf.privacy.epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=1e-5)
+
+
+def test_fit_with_dp_step_and_privacy_budget_stops_at_the_target():
+    pytest.importorskip("dp_accounting", reason="install lightfn[privacy]")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 3, generator=g)
+    y = x @ torch.tensor([1.0, -1.0, 0.5]) + 0.05 * torch.randn(100, generator=g)
+    loader = lf.data.ArrayLoader((x, y), poisson_rate=0.1, seed=0)  # 10 batches an epoch
+    sigma, delta = 1.0, 1e-5
+    target = lf.privacy.epsilon(noise_multiplier=sigma, sample_rate=0.1, steps=15, delta=delta)
+
+    def loss_fn(p, batch):
+        xb, yb = batch
+        return ((xb @ p["w"] - yb) ** 2).mean()
+
+    opt = lf.optim.sgd(0.1)
+    step = lf.privacy.dp_train_step(
+        loss_fn, opt, l2_norm_clip=1.0, noise_multiplier=sigma, expected_batch_size=loader.expected_batch_size
+    )
+    budget = lf.privacy.PrivacyBudget(noise_multiplier=sigma, sample_rate=0.1, delta=delta, target_epsilon=target)
+    seen = {}
+
+    class Record(lf.callbacks.Callback):
+        def on_epoch_end(self, ctx):
+            seen.setdefault("epoch_steps", []).append(ctx.step)
+
+        def on_fit_end(self, ctx):
+            seen["metrics"] = dict(ctx.metrics)
+
+    state = lf.TrainState.create(params={"w": torch.zeros(3)}, optimizer=opt, seed=0)
+    state = lf.fit(step, state, loader, max_epochs=10, callbacks=[budget, Record()], jit=False, progress=False)
+    assert budget.max_steps == 15
+    assert int(state.step) == 15  # stopped mid-epoch 2, at the budget, not at an epoch end
+    assert seen["metrics"]["privacy/epsilon"] == pytest.approx(target, rel=1e-9)
+    assert seen["epoch_steps"][0] == 10
+    assert (state.params["w"] - torch.tensor([1.0, -1.0, 0.5])).norm() < (torch.tensor([1.0, -1.0, 0.5])).norm()
