@@ -7,15 +7,16 @@ safetensors. See README.md for the quickstart and the Lightning -> lightfn table
 
 from __future__ import annotations
 
-from . import callbacks, data, distributed, loggers, optim, random, tree
+from . import callbacks, data, distributed, loggers, optim, privacy, random, tree
 from .errors import CheckpointError, CompileError, DistributedError, ExportError, LightfnError, StepError, TreeError
 from .checkpoint import load, read_metadata, save
 from .ensemble import ensemble
 from .evaluation import test, validate
 from .export import export, export_aot, export_onnx
 from .fit import fit
-from .errors import FitError
+from .errors import FitError, PrivacyError
 from .module import functionalize
+from .per_sample import per_sample_grad
 from .predict import predict
 from .state import LossScale, TrainState
 from .step import EvalStep, TrainStep, eval_step, train_step
@@ -33,6 +34,7 @@ __all__ = [
     "callbacks",
     "loggers",
     "distributed",
+    "privacy",
     # models and transforms
     "functionalize",
     "grad",
@@ -41,6 +43,7 @@ __all__ = [
     "jit",
     # functional superpowers
     "ensemble",
+    "per_sample_grad",
     # state and steps
     "TrainState",
     "LossScale",
@@ -70,4 +73,5 @@ __all__ = [
     "ExportError",
     "DistributedError",
     "FitError",
+    "PrivacyError",
 ]

@@ -17,6 +17,16 @@ loader's mutable state, so a run killed mid-epoch and resumed with
 >>> len(ArrayLoader({"x": x}, batch_size=4, drop_last=False))
 3
 
+With ``poisson_rate=q`` the loader samples as DP-SGD's privacy accounting assumes: every
+row joins each batch independently with probability ``q`` (``round(1/q)`` batches per
+epoch). Batches keep one fixed shape, a :class:`MaskedBatch` whose mask marks the rows
+drawn, so a compiled step never sees a new size:
+
+>>> pl = ArrayLoader((x, y), poisson_rate=0.3, seed=0)
+>>> b = next(iter(pl))
+>>> type(b).__name__, tuple(b.mask.shape) == (pl.batch_size,), len(pl)
+('MaskedBatch', True, 3)
+
 :func:`iterate` is the one way the training loop walks any data source (an ArrayLoader, a
 ``torch.utils.data.DataLoader``, or a list of batches), so user loops and ``lf.fit`` resume
 the same way.
@@ -27,6 +37,7 @@ from __future__ import annotations
 import collections.abc
 import copy
 import itertools
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -34,9 +45,10 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from . import tree as _tree
+from ._poisson import OVERFLOW_PROBABILITY, poisson_capacity, poisson_rows
 from .errors import DataError
 
-__all__ = ["DataError", "ArrayLoader", "iterate", "num_batches"]
+__all__ = ["DataError", "ArrayLoader", "MaskedBatch", "poisson_capacity", "iterate", "num_batches"]
 
 # A shuffled epoch gathers rows in chunks of about this many bytes and yields batches as
 # views into each chunk: one index_select per leaf per chunk amortizes the per-call cost,
@@ -47,6 +59,23 @@ _CHUNK_BYTES = 2 << 20
 # Mixes (seed, epoch) into one 64-bit generator seed (splitmix64 constants), so nearby
 # seeds and epochs give unrelated permutations.
 _MASK64 = (1 << 64) - 1
+
+
+@_tree.pytree_dataclass
+class MaskedBatch:
+    """A fixed-capacity batch whose rows are real only where ``mask`` is True.
+
+    ``data`` has the structure of the loader's data (every tensor leaf has ``capacity``
+    rows); ``mask`` is a bool tensor of shape ``(capacity,)`` on the data's device. Rows
+    where it is False are padding: their values are real rows of the dataset (so a loss
+    stays finite on them) but they must not count. :func:`lightfn.privacy.dp_train_step`
+    and :func:`lightfn.per_sample_grad` honour the mask (such rows get zero gradient); a
+    hand-written loss reads ``batch.data`` and weights rows by ``batch.mask``. A pytree, so
+    it passes through ``lf.jit`` and ``lf.fit`` like any batch, and its shape never changes.
+    """
+
+    data: Any
+    mask: torch.Tensor
 
 
 def _mix_seed(seed: int, epoch: int) -> int:
@@ -87,6 +116,19 @@ class ArrayLoader:
         seed: the shuffle seed.
         device: move the data there once, now; batches then come from device memory
             without a host-to-device copy per step.
+        poisson_rate: ``q`` in (0, 1]: Poisson sampling instead of a partition of the
+            data. Each of the ``round(1/q)`` batches of an epoch includes every row
+            independently with probability ``q``, drawn from a generator seeded by
+            ``(seed, epoch, batch index)`` (so resuming mid-epoch is exact). A batch is a
+            :class:`MaskedBatch` ``(data, mask)``: ``data`` has the data's structure with
+            ``batch_size`` rows, the drawn rows first (in storage order) then padding
+            (copies of row 0), and ``mask[i]`` says whether row ``i`` was drawn.
+            ``batch_size`` is then the capacity, by default :func:`poisson_capacity`
+            ``(N, q)`` (overflow probability 1e-6 per batch); when a draw exceeds it,
+            ``batch_size`` of the drawn rows are kept at random and a warning is issued
+            (once per loader). ``shuffle`` and ``drop_last`` do not apply, and
+            :attr:`expected_batch_size` is ``q * N`` (the divisor DP-SGD wants).
+            ``None`` (default): plain batches of ``batch_size`` rows as above.
 
     Batches are views of (or slices gathered from) the loader's storage: treat them as
     read-only. Iterate one epoch with :meth:`iter_epoch` (``start`` resumes mid-epoch), or
@@ -96,12 +138,13 @@ class ArrayLoader:
     def __init__(
         self,
         data: Any,
-        batch_size: int,
+        batch_size: int | None = None,
         *,
         shuffle: bool = True,
         drop_last: bool = True,
         seed: int = 0,
         device: torch.device | str | None = None,
+        poisson_rate: float | None = None,
     ) -> None:
         leaves_with_path = _tree.leaves_with_path(data)
         if not leaves_with_path:
@@ -128,6 +171,15 @@ class ArrayLoader:
                 )
         if n == 0:
             raise DataError(f"ArrayLoader got an empty dataset: {_tree.keystr(first_path)} has 0 samples")
+        if poisson_rate is not None:
+            if isinstance(poisson_rate, bool) or not isinstance(poisson_rate, (int, float)) or not 0 < poisson_rate <= 1:
+                raise DataError(f"poisson_rate must be a probability in (0, 1], got {poisson_rate!r}")
+            poisson_rate = float(poisson_rate)
+            if batch_size is None:
+                batch_size = poisson_capacity(n, poisson_rate)
+            drop_last = False  # every Poisson batch has the capacity's shape: nothing to drop
+        elif batch_size is None:
+            raise DataError("ArrayLoader needs a batch_size (or poisson_rate=q for Poisson-sampled batches)")
         _check_int("batch_size", batch_size, minimum=1)
         _check_int("seed", seed, minimum=-(1 << 63))
         if drop_last and batch_size > n:
@@ -150,6 +202,8 @@ class ArrayLoader:
         self._rank = 0
         self._world_size = 1
         self._epoch = 0
+        self._poisson_rate = poisson_rate
+        self._overflow_warned = False
         row_bytes = sum(x[:1].numel() * x.element_size() for x in leaves)
         self._chunk_batches = max(1, _CHUNK_BYTES // max(1, row_bytes * batch_size))
 
@@ -164,6 +218,16 @@ class ArrayLoader:
     def batch_size(self) -> int:
         """The global batch size (each of ``world_size`` shards gets ``batch_size // world_size`` rows)."""
         return self._batch_size
+
+    @property
+    def poisson_rate(self) -> float | None:
+        """``q`` of Poisson sampling, or ``None`` for plain batches."""
+        return self._poisson_rate
+
+    @property
+    def expected_batch_size(self) -> float:
+        """Rows a batch holds on average: ``q * N`` with Poisson sampling, else ``batch_size``."""
+        return self._poisson_rate * self._n if self._poisson_rate is not None else float(self._batch_size)
 
     @property
     def shuffle(self) -> bool:
@@ -193,12 +257,19 @@ class ArrayLoader:
         return self._leaves[0].device
 
     def __len__(self) -> int:
-        """Batches per epoch (the same on every shard)."""
+        """Batches per epoch (the same on every shard); ``round(1/q)`` with Poisson sampling."""
+        if self._poisson_rate is not None:
+            return max(1, round(1.0 / self._poisson_rate))
         full, rest = divmod(self._n, self._batch_size)
         return full + (1 if rest and not self._drop_last else 0)
 
     def __repr__(self) -> str:
         shard = f", rank={self._rank}, world_size={self._world_size}" if self._world_size > 1 else ""
+        if self._poisson_rate is not None:
+            return (
+                f"ArrayLoader(num_samples={self._n}, poisson_rate={self._poisson_rate}, batch_size={self._batch_size}, "
+                f"seed={self._seed}, device={self.device})"
+            )
         return (
             f"ArrayLoader(num_samples={self._n}, batch_size={self._batch_size}, shuffle={self._shuffle}, "
             f"drop_last={self._drop_last}, seed={self._seed}, device={self.device}{shard})"
@@ -213,6 +284,8 @@ class ArrayLoader:
         every rank and after any restart.
         """
         _check_int("epoch", epoch, minimum=0)
+        if self._poisson_rate is not None:
+            raise DataError("a Poisson-sampling loader has no epoch order: each batch is drawn independently")
         if not self._shuffle:
             return torch.arange(self._n)
         gen = torch.Generator(device="cpu").manual_seed(_mix_seed(self._seed, epoch))
@@ -240,7 +313,30 @@ class ArrayLoader:
         """This rank's ``[lo, hi)`` rows of a global batch with ``global_rows`` rows."""
         return rank_span(global_rows, self._rank, self._world_size)
 
+    def _poisson_batches(self, epoch: int, start: int) -> Iterator[MaskedBatch]:
+        epoch_seed = _mix_seed(self._seed, epoch)
+        rate, cap = self._poisson_rate, self._batch_size
+        assert rate is not None
+        for b in range(start, len(self)):
+            gen = torch.Generator(device="cpu").manual_seed(_mix_seed(epoch_seed, b))
+            idx, rows, overflowed = poisson_rows(self._n, rate, cap, gen)
+            if overflowed and not self._overflow_warned:
+                self._overflow_warned = True
+                warnings.warn(
+                    f"ArrayLoader(poisson_rate={rate}): a batch drew more than its capacity batch_size={cap} rows "
+                    f"(epoch {epoch}, batch {b}); kept {cap} of them at random. This happens with probability "
+                    f"{OVERFLOW_PROBABILITY:g} per batch at the default capacity; a larger batch_size makes it rarer. "
+                    "(Warned once per loader.)",
+                    stacklevel=3,
+                )
+            mask = torch.arange(cap) < rows
+            leaves = [x.index_select(0, idx.to(x.device)) for x in self._leaves]
+            yield MaskedBatch(data=self._build(leaves), mask=mask.to(self._leaves[0].device))
+
     def _batches(self, epoch: int, start: int) -> Iterator[Any]:
+        if self._poisson_rate is not None:
+            yield from self._poisson_batches(epoch, start)
+            return
         n_batches = len(self)
         b = self._batch_size
         # (offset into the epoch order, rows) of this rank's part of each remaining batch
@@ -302,6 +398,8 @@ class ArrayLoader:
         _check_int("rank", rank, minimum=0)
         if rank >= world_size:
             raise DataError(f"rank={rank} must be < world_size={world_size}")
+        if self._poisson_rate is not None:
+            raise DataError("sharding a Poisson-sampling loader is not supported yet: use one process for DP-SGD")
         if self._world_size != 1:
             raise DataError(f"this loader is already a shard (rank {self._rank} of {self._world_size}); shard the original")
         if self._batch_size % world_size:

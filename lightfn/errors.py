@@ -33,6 +33,7 @@ __all__ = [
     "NonFiniteLossError",
     "StateMismatchError",
     "OptimizerConfigError",
+    "PrivacyError",
 ]
 
 
@@ -118,3 +119,7 @@ class StateMismatchError(StepError):
 
 class OptimizerConfigError(LightfnError, ValueError):
     """An optimizer hyperparameter is out of its valid range (e.g. a negative learning rate)."""
+
+
+class PrivacyError(LightfnError, ValueError):
+    """A differential-privacy setting is out of range, or the accountant library is missing."""

@@ -126,6 +126,14 @@ class TrainStep:
 
     Fields can be swapped with ``.replace(...)``: ``grad_transform(grads) -> grads`` runs
     between differentiation and the optimizer (the sharding layer's all-reduce goes here).
+
+    ``grad_fn`` replaces how gradients are computed (``None``: ``value_and_grad`` of the
+    batch loss). It is called as ``grad_fn(objective, params, batch, key)`` and returns
+    ``((loss, metrics, new_buffers), grads)``, where ``objective(params, batch, key) ->
+    (loss, (loss, metrics, new_buffers))`` runs ``loss_fn`` on any (sub)batch with this
+    step's precision and inside ``rng_scope(key)``, and ``key`` is the step's key.
+    :func:`lightfn.privacy.dp_train_step` computes clipped, noised per-sample gradients
+    here; the optimizer update and the rest of the step are shared.
     """
 
     loss_fn: Callable[..., Any]
@@ -133,9 +141,15 @@ class TrainStep:
     with_state: bool = False
     precision: str = "32-true"
     grad_transform: Callable[[Any], Any] | None = None
+    grad_fn: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         _check_precision(self.precision)
+        if self.grad_fn is not None and self.precision == "16-mixed":
+            raise StepError(
+                'precision="16-mixed" scales the loss, which a custom grad_fn (e.g. DP-SGD\'s per-sample clipping) '
+                'does not undo; use "bf16-mixed" or "32-true"'
+            )
         if not isinstance(self.optimizer, GradientTransformation):
             raise StepError(f"optimizer must be an lf.optim GradientTransformation, got {type(self.optimizer).__name__}")
 
@@ -161,7 +175,7 @@ class TrainStep:
         key = lf_random.fold_in(state.rng, state.step)
         scale = state.loss_scale.scale if scaling else None
 
-        def objective(params: Any) -> tuple[torch.Tensor, tuple[Any, ...]]:
+        def objective(params: Any, batch: Any, key: torch.Tensor) -> tuple[torch.Tensor, tuple[Any, ...]]:
             with _autocast(self.precision, params), lf_random.rng_scope(key):
                 if self.with_state:
                     out = self.loss_fn(params, state.buffers, batch)
@@ -173,7 +187,10 @@ class TrainStep:
             # torch.func's aux must be tensors only: no buffers is an empty dict, not None.
             return scaled, (loss, metrics, {} if new_buffers is None else new_buffers)
 
-        (_, (loss, metrics, new_buffers)), grads = value_and_grad(objective, has_aux=True)(state.params)
+        if self.grad_fn is None:
+            (_, (loss, metrics, new_buffers)), grads = value_and_grad(objective, has_aux=True)(state.params, batch, key)
+        else:
+            (loss, metrics, new_buffers), grads = self.grad_fn(objective, state.params, batch, key)
         if scale is not None:
             grads = tree.map(lambda g: g / scale.to(g.dtype) if g.is_floating_point() else g, grads)
         if self.grad_transform is not None:
@@ -239,12 +256,17 @@ def train_step(
     with_state: bool = False,
     precision: str = "32-true",
     grad_transform: Callable[[Any], Any] | None = None,
+    grad_fn: Callable[..., Any] | None = None,
 ) -> TrainStep:
     """Build the pure step ``(state, batch) -> (new_state, metrics)`` for ``loss_fn``.
 
-    See the module docstring for the forms ``loss_fn`` may take and what precision means.
+    See the module docstring for the forms ``loss_fn`` may take and what precision means,
+    and :class:`TrainStep` for ``grad_transform`` and ``grad_fn``.
     """
-    return TrainStep(loss_fn=loss_fn, optimizer=optimizer, with_state=with_state, precision=precision, grad_transform=grad_transform)
+    return TrainStep(
+        loss_fn=loss_fn, optimizer=optimizer, with_state=with_state, precision=precision,
+        grad_transform=grad_transform, grad_fn=grad_fn,
+    )
 
 
 def eval_step(loss_fn: Callable[..., Any], *, with_state: bool = False, precision: str = "32-true") -> EvalStep:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+import lightfn as lf
 from lightfn.data import ArrayLoader, DataError, iterate, num_batches
 from lightfn.errors import LightfnError
 
@@ -321,3 +322,78 @@ def test_num_batches_of_an_iterable_dataset_loader_is_none() -> None:
     assert num_batches(dl) is None
     assert [b.tolist() for b in iterate(dl, 0, start=1)] == [[2, 3], [4, 5]]
     assert num_batches(ArrayLoader(torch.zeros(10), 3)) == 3
+
+
+# ------------------------------------------------------------------ Poisson sampling
+
+
+def test_poisson_batches_are_fixed_capacity_masked_and_deterministic():
+    x, y = torch.arange(200.0).unsqueeze(1), torch.arange(200)
+    loader = ArrayLoader((x, y), poisson_rate=0.05, seed=7)
+    assert len(loader) == 20 and loader.expected_batch_size == pytest.approx(10.0)
+    assert loader.batch_size == lf.data.poisson_capacity(200, 0.05)
+    batches = list(loader.iter_epoch(3))
+    for b in batches:
+        assert isinstance(b, lf.data.MaskedBatch) and b.mask.dtype == torch.bool
+        assert b.data[0].shape == (loader.batch_size, 1) and b.mask.shape == (loader.batch_size,)
+        rows = int(b.mask.sum())
+        real = b.data[1][b.mask]
+        assert torch.equal(b.data[0][b.mask].squeeze(1).long(), real)  # leaves stay aligned
+        assert real.tolist() == sorted(set(real.tolist())) and len(real) == rows  # distinct rows
+        assert torch.all(b.mask[:rows]) and not torch.any(b.mask[rows:])  # drawn rows first
+    again = list(loader.iter_epoch(3))
+    assert all(torch.equal(a.mask, b.mask) and torch.equal(a.data[1], b.data[1]) for a, b in zip(batches, again))
+    # Exact resume mid-epoch, and a new epoch or seed draws new batches.
+    tail = list(loader.iter_epoch(3, start=5))
+    assert all(torch.equal(a.data[1], b.data[1]) for a, b in zip(batches[5:], tail)) and len(tail) == 15
+    other = list(loader.iter_epoch(4))
+    assert any(not torch.equal(a.data[1], b.data[1]) for a, b in zip(batches, other))
+
+
+def test_poisson_inclusion_rate_is_q_for_every_row():
+    n, q = 100, 0.1
+    loader = ArrayLoader(torch.arange(n), poisson_rate=q, seed=0)
+    counts = torch.zeros(n)
+    sizes = []
+    for epoch in range(60):  # 600 batches
+        for b in loader.iter_epoch(epoch):
+            counts[b.data[b.mask]] += 1
+            sizes.append(int(b.mask.sum()))
+    draws = 60 * len(loader)
+    # Per-row inclusion frequency ~ q (binomial sd of the mean over 100 rows ~ 0.0012).
+    assert (counts / draws).mean().item() == pytest.approx(q, abs=0.005)
+    assert ((counts / draws) - q).abs().max().item() < 0.06
+    sizes = torch.tensor(sizes, dtype=torch.float64)
+    assert sizes.var().item() == pytest.approx(n * q * (1 - q), rel=0.2)  # binomial, not fixed
+
+
+def test_poisson_capacity_is_the_binomial_quantile():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for n, q in [(60_000, 0.004), (100, 0.1), (1000, 0.001), (50, 1e-4)]:
+        c = lf.data.poisson_capacity(n, q)
+        assert scipy_stats.binom.sf(c, n, q) <= 1e-6 < scipy_stats.binom.sf(c - 1, n, q)
+    assert lf.data.poisson_capacity(10, 1.0) == 10
+
+
+def test_poisson_overflow_keeps_capacity_rows_and_warns_once():
+    loader = ArrayLoader(torch.arange(100), poisson_rate=0.5, batch_size=30, seed=0)
+    with pytest.warns(UserWarning, match="more than its capacity batch_size=30") as record:
+        batches = list(loader.iter_epoch(0)) + list(loader.iter_epoch(1))
+    assert len([w for w in record if "capacity" in str(w.message)]) == 1
+    assert all(b.mask.shape == (30,) for b in batches)
+    assert all(int(b.mask.sum()) == 30 for b in batches)  # P[Bin(100, .5) <= 30] is 4e-5
+    assert all(len(set(b.data.tolist())) == 30 for b in batches)
+
+
+def test_poisson_arguments_are_checked():
+    with pytest.raises(DataError, match="poisson_rate"):
+        ArrayLoader(torch.arange(10), poisson_rate=0.0)
+    with pytest.raises(DataError, match="poisson_rate"):
+        ArrayLoader(torch.arange(10), poisson_rate=1.5)
+    with pytest.raises(DataError, match="needs a batch_size"):
+        ArrayLoader(torch.arange(10))
+    loader = ArrayLoader(torch.arange(10), poisson_rate=0.5)
+    with pytest.raises(DataError, match="Poisson"):
+        loader.shard(0, 2)
+    with pytest.raises(DataError, match="Poisson"):
+        loader.order(0)
