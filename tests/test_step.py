@@ -302,7 +302,7 @@ def test_compiled_step_equals_eager_one_graph_no_recompile_on_short_batch_and_do
 @pytest.mark.compile
 def test_compiled_bf16_mixed_transformer_layer_with_dropout_equals_eager():
     loss_fn, params, batch = attention_problem("encoder", 0.1)
-    opt = lf.optim.adam(1e-2)
+    opt = lf.optim.sgd(0.1)  # not Adam: it blows rounding noise in the key bias's (exactly 0) grad up to +-lr
     step = lf.train_step(loss_fn, opt, precision="bf16-mixed")
     eager = lf.TrainState.create(params=params, optimizer=opt, seed=0)
     state = lf.tree.map(torch.clone, eager)
