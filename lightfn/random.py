@@ -249,8 +249,8 @@ class rng_scope(TorchFunctionMode):
         q, k, v = (_arg(args, kwargs, i, n, None) for i, n in enumerate(("query", "key", "value")))
         return _attention.sdpa(
             q, k, v, attn_mask=_arg(args, kwargs, 3, "attn_mask", None), dropout_p=p, drop=self._drop,
-            is_causal=bool(_arg(args, kwargs, 5, "is_causal", False)), scale=kwargs.get("scale"),
-            enable_gqa=bool(kwargs.get("enable_gqa", False)),
+            is_causal=bool(_arg(args, kwargs, 5, "is_causal", False)), scale=_arg(args, kwargs, 6, "scale", None),
+            enable_gqa=bool(_arg(args, kwargs, 7, "enable_gqa", False)),
         )
 
     def _multi_head_attention(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
