@@ -27,6 +27,7 @@ import torch
 
 from . import tree
 from ._diagnostics import first_line
+from ._quiet import compile_messages_quieted
 from ._export_diagnostics import check_runs_at_batch_one, check_tensors, explain_trace_failure, refuse_item, watch_side_effects
 from .errors import ExportError
 
@@ -189,7 +190,8 @@ def export_aot(
     program = export(fn, *example_args, params=params, dynamic_batch=dynamic_batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        out = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        with compile_messages_quieted():
+            out = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     except Exception as e:
         raise ExportError(f"AOTInductor could not compile the program (is a C++ compiler installed?): {first_line(e)}") from e
     return pathlib.Path(out)

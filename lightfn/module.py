@@ -13,12 +13,15 @@ behind the caller's back. With ``with_state=True`` they are explicit::
     y, _ = apply(params, buffers, x, train=False)          # eval mode: stats are read
 
 Train/eval mode is an explicit keyword of ``apply`` (``train=``), defaulting to the
-module's mode when it was functionalized; the caller's module is never switched.
+module's mode when it was functionalized; the caller's module is never switched. A module
+whose ``forward`` has its own ``train`` parameter is refused (a ``train=`` keyword could
+never reach it); ``mode_keyword=`` gives the switch another name.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -63,8 +66,26 @@ def _check_keys(p: Any, expected: frozenset[str], what: str) -> None:
         )
 
 
+def _check_mode_keyword(module: nn.Module, mode_keyword: str) -> None:
+    if not (isinstance(mode_keyword, str) and mode_keyword.isidentifier()):
+        raise StepError(f"lf.functionalize: mode_keyword must be a keyword name, got {mode_keyword!r}")
+    try:
+        names = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # no Python signature to read
+        return
+    if mode_keyword in names:
+        other = "training_mode" if mode_keyword != "training_mode" else "lf_train"
+        raise StepError(
+            f"{type(module).__name__}.forward has its own {mode_keyword!r} parameter, but apply(params, ..., "
+            f"{mode_keyword}=...) is lightfn's train/eval switch, so a {mode_keyword}= keyword would never reach "
+            f"forward and results would change silently. Rename forward's parameter, or give the switch another "
+            f"name: lf.functionalize(module, mode_keyword={other!r}) makes apply(..., {other}=False) the switch "
+            f"and passes {mode_keyword}= through to forward."
+        )
+
+
 def functionalize(
-    module: nn.Module, *, with_state: bool = False
+    module: nn.Module, *, with_state: bool = False, mode_keyword: str = "train"
 ) -> tuple[Callable[..., Any], dict[str, torch.Tensor]] | tuple[Callable[..., Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Turn ``module`` into ``(apply, params)`` (or ``(apply, params, buffers)``).
 
@@ -74,6 +95,10 @@ def functionalize(
             train=..., **kwargs) -> (output, new_buffers)``. Without it, buffers are
             baked in as constants, and a module whose buffers would be updated in training
             (BatchNorm) is refused rather than silently mutated.
+        mode_keyword: the name of ``apply``'s train/eval keyword (default ``train``). A
+            module whose ``forward`` takes a parameter of that name is refused; pick
+            another name to keep forward's own. (A ``forward(**kwargs)`` cannot be checked:
+            ``apply`` takes ``train=`` for itself there.)
 
     Returns:
         ``apply(params, *args, train=<module.training>, **kwargs)`` and ``params``, a dict
@@ -81,6 +106,7 @@ def functionalize(
     """
     if not isinstance(module, nn.Module):
         raise StepError(f"lf.functionalize expects an nn.Module, got {type(module).__name__}")
+    _check_mode_keyword(module, mode_keyword)
     default_train = module.training
     params = {k: v.detach().clone() for k, v in module.named_parameters()}
     buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
@@ -89,16 +115,17 @@ def functionalize(
 
     if with_state:
 
-        def apply_with_state(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *args: Any, train: bool = default_train, **kwargs: Any) -> Any:
+        def apply_with_state(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
             # Clones receive BatchNorm's in-place updates, so the caller's buffers stay as
             # they were and the updated ones come back as a new dict.
+            train = kwargs.pop(mode_keyword, default_train)
             _check_keys(p, param_keys, "params")
             _check_keys(b, buffer_keys, "buffers")
             new_b = {k: v.clone() for k, v in b.items()} if train else dict(b)
             out = functional_call(skeletons[bool(train)], {**p, **new_b}, args, kwargs, tie_weights=True)
             return out, new_b
 
-        apply_with_state.__doc__ = f"Pure apply of {type(module).__name__}: (params, buffers, *args, train=...) -> (out, buffers)."
+        apply_with_state.__doc__ = f"Pure apply of {type(module).__name__}: (params, buffers, *args, {mode_keyword}=...) -> (out, buffers)."
         return apply_with_state, params, buffers
 
     if default_train and _has_running_stats(module):
@@ -110,11 +137,12 @@ def functionalize(
     frozen = dict(buffers)
     updates_buffers_in_training = _has_running_stats(module)
 
-    def apply(p: dict[str, torch.Tensor], *args: Any, train: bool = default_train, **kwargs: Any) -> Any:
+    def apply(p: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        train = kwargs.pop(mode_keyword, default_train)
         if train and updates_buffers_in_training:
             raise StepError("apply(..., train=True) would update BatchNorm buffers; functionalize with with_state=True")
         _check_keys(p, param_keys, "params")
         return functional_call(skeletons[bool(train)], {**p, **frozen}, args, kwargs, tie_weights=True)
 
-    apply.__doc__ = f"Pure apply of {type(module).__name__}: (params, *args, train=...) -> output."
+    apply.__doc__ = f"Pure apply of {type(module).__name__}: (params, *args, {mode_keyword}=...) -> output."
     return apply, params

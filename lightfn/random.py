@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import _attention
 from .errors import StepError
 
 __all__ = [
@@ -202,6 +203,7 @@ class rng_scope(TorchFunctionMode):
             torch.Tensor.normal_: self._normal_,
             torch.Tensor.bernoulli_: self._bernoulli_,
             F.scaled_dot_product_attention: self._attention,
+            F.multi_head_attention_forward: self._multi_head_attention,
         }
 
     def _next(self) -> torch.Tensor:
@@ -240,37 +242,27 @@ class rng_scope(TorchFunctionMode):
         return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros_like(x))
 
     def _attention(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-        # SDPA's attention dropout is drawn inside aten from torch's global generator, so it
-        # bypasses this scope (a step was not a function of its state). Worse, with
-        # dropout_p > 0 on CPU SDPA runs its math decomposition, which upcasts to float32
-        # with autocast excluded; under torch.func.grad the functorch layer restores its saved
-        # dispatch-key TLS, autocast re-enters inside the decomposition below the grad
-        # level's autograd, and backward multiplies a bf16/fp16 grad by a saved float32
-        # tensor ("expected scalar type BFloat16 but found Float"; .backward() is fine).
-        # Written as plain ops, each one is autocast at the grad level and the dropout is keyed.
+        # Attention dropout runs as keyed plain ops (see lightfn/_attention.py for why).
         p = float(_arg(args, kwargs, 4, "dropout_p", 0.0))
         if p == 0.0:
             return F.scaled_dot_product_attention(*args, **kwargs)
         q, k, v = (_arg(args, kwargs, i, n, None) for i, n in enumerate(("query", "key", "value")))
-        mask = _arg(args, kwargs, 3, "attn_mask", None)
-        causal = bool(_arg(args, kwargs, 5, "is_causal", False))
-        scale = kwargs.get("scale")
-        if kwargs.get("enable_gqa", False) and k.dim() > 2 and k.shape[-3] != q.shape[-3]:
-            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        scores = (q @ k.transpose(-2, -1)).float() * scale
-        if causal:
-            if mask is not None:
-                raise StepError("scaled_dot_product_attention: pass attn_mask or is_causal=True, not both")
-            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-        attn = torch.softmax(scores, dim=-1)
-        if mask is not None:  # a fully masked row attends to nothing (torch's _safe_softmax), not NaN
-            attn = torch.where(torch.isneginf(scores).all(-1, keepdim=True), torch.zeros_like(attn), attn)
-        attn = dropout(self._next(), attn, p, True)
-        return attn.to(v.dtype) @ v
+        return _attention.sdpa(
+            q, k, v, attn_mask=_arg(args, kwargs, 3, "attn_mask", None), dropout_p=p, drop=self._drop,
+            is_causal=bool(_arg(args, kwargs, 5, "is_causal", False)), scale=_arg(args, kwargs, 6, "scale", None),
+            enable_gqa=bool(_arg(args, kwargs, 7, "enable_gqa", False)),
+        )
+
+    def _multi_head_attention(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # nn.MultiheadAttention's inner SDPA / dropout calls are invisible to this mode (it
+        # is off while handling a call), so with its dropout active the function is rebuilt.
+        bound = _attention.bind_mha(args, kwargs)
+        if not bound["training"] or float(bound["dropout_p"]) == 0.0:
+            return F.multi_head_attention_forward(*args, **kwargs)
+        return _attention.multi_head_attention(bound, self._drop)
+
+    def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return dropout(self._next(), x, p, True)
 
     def _factory(self, kwargs: dict[str, Any], like: torch.Tensor | None) -> tuple[torch.dtype, Any]:
         dtype = kwargs.get("dtype") or (like.dtype if like is not None else torch.get_default_dtype())

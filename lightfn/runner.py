@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from . import tree
+from ._diagnostics import first_line
 from .errors import CompileError, FitError, LightfnError, StepError, TreeError
 from .step import describe
 from .transforms import Jitted, jit
@@ -125,11 +126,32 @@ def abstract_eval(fn: Callable[..., Any], *args: Any) -> Any:
     except LightfnError:
         raise
     except Exception as e:  # noqa: BLE001 - reported with what to do about it
-        raise CompileError(
-            f"fit could not trace {getattr(fn, '__qualname__', fn)!s} to compile it: {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}\n  A compiled step must be pure tensor code "
-            "(no .item(), no Python branching on tensor values). Pass jit=False to fit to run it eagerly."
-        ) from e
+        raise _trace_failure(fn, e, args) from e
+
+
+def _trace_failure(fn: Callable[..., Any], error: Exception, args: tuple[Any, ...]) -> Exception:
+    """The error to show when ``fn`` could not be traced: ``jit=False`` is suggested only
+    when ``fn`` runs eagerly on the same inputs; otherwise the step itself is broken and its
+    eager error is the one to fix."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    # On copies: a step that failed to trace may also be impure, and the caller's state
+    # must come out of a failed first step untouched.
+    copies = tree.map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, args)
+    try:
+        with torch.no_grad():  # torch.func.grad inside a step ignores an outer no_grad
+            fn(*copies)
+    except LightfnError as user_error:
+        return user_error
+    except Exception as eager_error:  # noqa: BLE001
+        return StepError(
+            f"{name} fails when run eagerly too, so compilation is not the cause (jit=False would not help): "
+            f"{type(eager_error).__name__}: {first_line(eager_error)}"
+        )
+    return CompileError(
+        f"fit could not trace {name} to compile it: {type(error).__name__}: {first_line(error)}\n"
+        "  A compiled step must be pure tensor code (no .item(), no Python branching on tensor values, no "
+        "data-dependent shapes). The step does run eagerly: pass jit=False to fit to train without compiling."
+    )
 
 
 def _check_acc(acc: torch.Tensor | None, names: tuple[str, ...], expected: tuple[str, ...] | None, device: torch.device) -> torch.Tensor:

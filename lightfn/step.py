@@ -176,6 +176,11 @@ class TrainStep:
         scale = state.loss_scale.scale if scaling else None
 
         def objective(params: Any, batch: Any, key: torch.Tensor) -> tuple[torch.Tensor, tuple[Any, ...]]:
+            # Autocast covers the forward only, as with torch's autocast + .backward(): opened
+            # around the grad call instead, it would also cast the backward, so a region the
+            # user runs with autocast disabled would get bf16 gradients. Attention dropout,
+            # whose CPU kernel mixes dtypes under torch.func.grad + autocast, is rewritten by
+            # rng_scope as plain ops (lightfn/_attention.py).
             with _autocast(self.precision, params), lf_random.rng_scope(key):
                 if self.with_state:
                     out = self.loss_fn(params, state.buffers, batch)

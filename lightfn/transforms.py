@@ -25,6 +25,7 @@ import torch.func
 
 from . import tree
 from ._diagnostics import first_line, user_frame
+from ._quiet import compile_messages_quieted
 from .errors import CompileError, LightfnError, StepError
 
 __all__ = ["grad", "value_and_grad", "vmap", "jit", "Jitted", "jit_disabled"]
@@ -174,7 +175,8 @@ class Jitted:
                         if isinstance(x, torch.Tensor) and x.dim() > 0:
                             torch._dynamo.maybe_mark_dynamic(x, 0)
         try:
-            return self._compiled(*args, **kwargs)
+            with compile_messages_quieted():
+                return self._compiled(*args, **kwargs)
         except LightfnError:
             raise
         except Exception as e:  # noqa: BLE001 - turned into an actionable message below

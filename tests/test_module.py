@@ -79,3 +79,36 @@ def test_wrong_params_keys_are_named():
 def test_not_a_module():
     with pytest.raises(lf.StepError, match="nn.Module"):
         lf.functionalize(lambda x: x)
+
+
+class _WithTrainArg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x, train=False):  # its own flag, unrelated to nn.Module's mode
+        return self.lin(x) * (2.0 if train else 1.0)
+
+
+def test_forward_with_its_own_train_parameter_is_refused_not_swallowed():
+    # apply(p, x, train=True) used to take train= for itself: forward never saw it.
+    m = _WithTrainArg()
+    with pytest.raises(lf.StepError, match=r"_WithTrainArg.forward has its own 'train' parameter.*mode_keyword='training_mode'"):
+        lf.functionalize(m)
+    with pytest.raises(lf.StepError, match="own 'train' parameter"):
+        lf.functionalize(m, with_state=True)
+
+
+def test_mode_keyword_renames_the_switch_and_passes_train_through():
+    m = _WithTrainArg().train()
+    apply, params = lf.functionalize(m, mode_keyword="training_mode")
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(apply(params, x, train=True), m(x, train=True))
+    torch.testing.assert_close(apply(params, x), m(x))
+    torch.testing.assert_close(apply(params, x, train=True, training_mode=False), m(x, train=True))
+    # the renamed switch still switches the mode
+    d = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.99)).train()
+    apply_d, pd = lf.functionalize(d, mode_keyword="training_mode")
+    torch.testing.assert_close(apply_d(pd, x, training_mode=False), d.eval()(x))
+    with pytest.raises(lf.StepError, match="mode_keyword"):
+        lf.functionalize(d, mode_keyword="not a name")

@@ -147,3 +147,38 @@ def test_invalid_hyperparameters(make, match):
 def test_chain_of_a_non_transform():
     with pytest.raises(lf.StepError, match="argument 1 is a function"):
         optim.chain(optim.sgd(0.1), lambda g: g)
+
+
+def _torch_optimizer():
+    return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "lr, named",
+    [
+        (torch.optim.lr_scheduler.OneCycleLR, "the class torch.optim.lr_scheduler.OneCycleLR"),
+        (torch.optim.lr_scheduler.StepLR(_torch_optimizer(), 3), "a StepLR"),
+        (lambda step, other: 0.1, "does not take the step count"),
+        ("1e-3", "a str"),
+        (torch.ones(2), r"shape \(2,\)"),
+        (None, "a NoneType"),
+    ],
+)
+def test_a_learning_rate_that_is_not_a_schedule_is_refused_when_the_optimizer_is_built(lr, named):
+    # OneCycleLR used to be accepted and failed at the first step, inside update.
+    for make, who in ((optim.adam, "adam"), (optim.sgd, "sgd"), (optim.scale_by_learning_rate, "scale_by_learning_rate")):
+        with pytest.raises(optim.OptimizerConfigError, match=named) as e:
+            make(lr)
+        msg = str(e.value)
+        assert msg.startswith(who + ":") and "a function step -> lr" in msg
+        if "lr_scheduler" in named or "StepLR" in named:
+            assert "lf.optim.onecycle" in msg
+
+
+def test_schedules_and_scalars_are_accepted():
+    import functools
+
+    for lr in (0.1, 1, torch.tensor(0.1), lambda step: 0.1 * 0.9**step, optim.onecycle(0.1, 10),
+               functools.partial(lambda step, base: base, base=0.1)):
+        opt = optim.adam(lr)
+        opt.update(grads(), opt.init(params()), params())

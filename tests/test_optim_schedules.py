@@ -113,3 +113,85 @@ def test_current_lr_follows_a_changed_constant_learning_rate_after_resume():
     assert optim.current_lr(state).item() == 0.1
     # readers work on any pytree holding the state, keyed by the full path
     assert {k: v.item() for k, v in optim.learning_rates({"opt_state": state}).items()} == {"['opt_state'][0]": 0.1}
+
+
+def _torch_lrs(make, steps, lr):
+    """The learning rate torch uses for each of ``steps`` updates."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = make(opt)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("total", [7, 100, 1000])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"three_phase": True},
+        {"anneal_strategy": "linear"},
+        {"pct_start": 0.25, "div_factor": 10.0, "final_div_factor": 100.0, "three_phase": True, "anneal_strategy": "linear"},
+        {"pct_start": 0.05},  # shorter than one step: no warmup phase
+    ],
+)
+def test_onecycle_equals_torch_at_every_step(total, kw):
+    ref = _torch_lrs(lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 0.5, total_steps=total, **kw), total, 0.1)
+    schedule = optim.onecycle(0.5, total, **kw)
+    got = schedule(torch.arange(total))
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert schedule(total - 1) == pytest.approx(ref[-1], abs=1e-12)
+    assert schedule(total + 50) == schedule(total - 1)  # held after the last step (torch raises)
+
+
+@pytest.mark.parametrize("warmup, total, start_factor, end_lr", [(10, 100, 1 / 3, 0.0), (5, 1000, 0.01, 1e-4), (1, 2, 0.5, 0.0)])
+def test_linear_warmup_cosine_decay_equals_torch_sequential_linear_then_cosine(warmup, total, start_factor, end_lr):
+    S = torch.optim.lr_scheduler
+
+    def make(o):
+        return S.SequentialLR(o, [S.LinearLR(o, start_factor, 1.0, warmup), S.CosineAnnealingLR(o, total - warmup, end_lr)], [warmup])
+
+    ref = _torch_lrs(make, total, 0.3)
+    schedule = optim.linear_warmup_cosine_decay(0.3, warmup, total, start_factor=start_factor, end_lr=end_lr)
+    torch.testing.assert_close(schedule(torch.arange(total)), torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert schedule(total) == pytest.approx(end_lr, abs=1e-15) and schedule(5 * total) == schedule(total)
+
+
+def test_sgd_with_onecycle_trains_like_torch():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, generator=g, dtype=torch.float64), torch.randn(32, generator=g, dtype=torch.float64)
+    opt = optim.sgd(optim.onecycle(0.1, 20), momentum=0.9)
+    params = {"w": torch.zeros(4, dtype=torch.float64)}
+    state = opt.init(params)
+    ref = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    topt = torch.optim.SGD([ref], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(topt, 0.1, total_steps=20, cycle_momentum=False)
+    for _ in range(20):
+        grads = {"w": 2 * x.T @ (x @ params["w"] - y) / 32}
+        updates, state = opt.update(grads, state, params)
+        params = optim.apply_updates(params, updates)
+        topt.zero_grad()
+        ((x @ ref - y) ** 2).mean().backward()
+        topt.step()
+        sched.step()
+    torch.testing.assert_close(params["w"], ref.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: optim.onecycle(0.1, 0), "total_steps"),
+        (lambda: optim.onecycle(0.1, 10, pct_start=1.5), "pct_start"),
+        (lambda: optim.onecycle(0.1, 10, anneal_strategy="cosine"), "anneal_strategy"),
+        (lambda: optim.onecycle(0.1, 10, pct_start=0.1), "phase 1 .* no length"),
+        (lambda: optim.linear_warmup_cosine_decay(0.1, 10, 10), "warmup_steps < total_steps"),
+        (lambda: optim.linear_warmup_cosine_decay(0.1, 1, 10, start_factor=2.0), "start_factor"),
+    ],
+)
+def test_bad_onecycle_and_warmup_cosine_configs(make, match):
+    with pytest.raises(optim.OptimizerConfigError, match=match):
+        make()

@@ -49,6 +49,8 @@ from .schedules import (
     exponential_decay,
     join_schedules,
     linear_schedule,
+    linear_warmup_cosine_decay,
+    onecycle,
     piecewise_constant_schedule,
     polynomial_schedule,
     warmup_cosine_decay_schedule,
@@ -124,6 +126,8 @@ __all__ = [
     "piecewise_constant_schedule",
     "join_schedules",
     "warmup_cosine_decay_schedule",
+    "linear_warmup_cosine_decay",
+    "onecycle",
     # errors
     "StateMismatchError",
     "OptimizerConfigError",

@@ -6,6 +6,7 @@ All checks look only at Python-level facts (types, tree structure, static shapes
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import optree
@@ -25,6 +26,7 @@ __all__ = [
     "tensor_leaves",
     "scalar_dtype",
     "zero_count",
+    "check_learning_rate",
 ]
 
 
@@ -164,3 +166,48 @@ def once_per_step(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def zero_count(params: Any) -> torch.Tensor:
     """A fresh step counter: a 0-d int64 tensor on the params' device."""
     return torch.zeros((), dtype=torch.int64, device=_tree.device_of(params))
+
+
+def _named(value: Any) -> str:
+    if isinstance(value, type):
+        return f"the class {value.__module__}.{value.__qualname__}"
+    return describe(value)
+
+
+def check_learning_rate(value: Any, who: str, name: str = "lr") -> None:
+    """Refuse, when the optimizer is built, what is not a learning rate.
+
+    A learning rate is a number, a 0-d real tensor, or a schedule: a function of one
+    argument, the step count (updates made so far), returning the rate. Anything else
+    (notably a ``torch.optim.lr_scheduler`` class or object, which is callable or not but
+    drives a torch optimizer) would only fail at the first step, deep inside ``update``.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not (value.dtype == torch.bool or value.is_complex()):
+        return
+    problem = ""
+    if callable(value) and not isinstance(value, (type, torch.Tensor)):
+        if torch.compiler.is_compiling():  # built inside a traced step (inject_hyperparams): checked eagerly before
+            return
+        try:
+            signature = inspect.signature(value)
+        except (TypeError, ValueError):  # a builtin without a signature: let its first call tell
+            return
+        try:
+            signature.bind(0)
+            return
+        except TypeError:
+            problem = f", whose signature {signature} does not take the step count as its only argument"
+    lr_scheduler = torch.optim.lr_scheduler.LRScheduler
+    torch_hint = ""
+    if isinstance(value, lr_scheduler) or (isinstance(value, type) and issubclass(value, lr_scheduler)):
+        torch_hint = (
+            "\n  torch.optim.lr_scheduler classes step a torch.optim optimizer; they are not lightfn schedules. "
+            "Use lf.optim.onecycle(...), lf.optim.linear_warmup_cosine_decay(...), another lf.optim schedule, "
+            "or your own function (e.g. lambda step: 1e-3 * 0.95 ** step)."
+        )
+    raise OptimizerConfigError(
+        f"{who}: {name} must be a float, a 0-d tensor or a schedule (a function step -> lr, e.g. "
+        f"lf.optim.cosine_decay(3e-4, 10_000)); got {_named(value)}{problem}{torch_hint}"
+    )

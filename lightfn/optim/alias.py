@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ._checks import OptimizerConfigError, scalar_dtype
+from ._checks import OptimizerConfigError, check_learning_rate, scalar_dtype
 from .adaptive import scale_by_adam, scale_by_lion, scale_by_rms, scale_by_rss, scale_by_stddev
 from .base import GradientTransformation, chain
 from .transforms import ScalarOrSchedule, add_decayed_weights, scale_by_learning_rate, trace
@@ -25,6 +25,7 @@ __all__ = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "lion"]
 
 
 def _check_lr(lr: ScalarOrSchedule, name: str) -> None:
+    check_learning_rate(lr, name)
     if isinstance(lr, (int, float)) and lr < 0:
         raise OptimizerConfigError(f"{name}: invalid learning rate {lr} (must be >= 0)")
 

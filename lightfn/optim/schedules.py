@@ -10,7 +10,10 @@ tensor ops only (no ``.item()``, no Python ``if`` on values), so it traces into 
 >>> round(lr(50), 6), round(lr(100), 6), lr(1000)
 (0.0005, 0.001, 0.0)
 
-Pass one wherever a learning rate goes: ``lf.optim.adamw(lr)``.
+Pass one wherever a learning rate goes: ``lf.optim.adamw(lr)``. ``torch.optim.lr_scheduler``
+classes are not schedules (they step a torch optimizer): :func:`onecycle` and
+:func:`linear_warmup_cosine_decay` give their numbers as functions, and any
+``lambda step: ...`` is a schedule too.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ __all__ = [
     "piecewise_constant_schedule",
     "join_schedules",
     "warmup_cosine_decay_schedule",
+    "linear_warmup_cosine_decay",
+    "onecycle",
 ]
 
 Count = Union[int, torch.Tensor]
@@ -187,3 +192,95 @@ def warmup_cosine_decay_schedule(
         ],
         [warmup_steps],
     )
+
+
+def linear_warmup_cosine_decay(
+    peak_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    *,
+    start_factor: float = 1.0 / 3.0,
+    end_lr: float = 0.0,
+) -> Schedule:
+    """torch's ``SequentialLR([LinearLR(start_factor, 1.0, warmup_steps),
+    CosineAnnealingLR(total_steps - warmup_steps, end_lr)], milestones=[warmup_steps])``
+    on an optimizer with ``lr=peak_lr``, as a function of the step count.
+
+    Linear warmup from ``start_factor * peak_lr`` to ``peak_lr`` over ``warmup_steps``, then
+    half a cosine down to ``end_lr``, reached at ``total_steps``, and held there (torch's
+    cosine would rise again). ``start_factor`` defaults to LinearLR's 1/3; 0 is allowed here
+    (torch requires > 0), though the first update then does nothing.
+    """
+    if not 0.0 <= start_factor <= 1.0:
+        raise OptimizerConfigError(f"linear_warmup_cosine_decay: start_factor must be in [0, 1], got {start_factor}")
+    if not 0 <= warmup_steps < total_steps:
+        raise OptimizerConfigError(
+            f"linear_warmup_cosine_decay: need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
+            f"total_steps={total_steps} (total_steps counts the warmup)"
+        )
+    if peak_lr < 0 or end_lr < 0:
+        raise OptimizerConfigError(f"linear_warmup_cosine_decay: learning rates must be >= 0, got peak_lr={peak_lr}, end_lr={end_lr}")
+    return warmup_cosine_decay_schedule(start_factor * peak_lr, peak_lr, warmup_steps, total_steps, end_value=end_lr)
+
+
+def onecycle(
+    max_lr: float,
+    total_steps: int,
+    *,
+    pct_start: float = 0.3,
+    anneal_strategy: str = "cos",
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    three_phase: bool = False,
+) -> Schedule:
+    """torch's ``OneCycleLR`` learning rate as a function of the step count (arguments and
+    defaults are torch's; momentum cycling is not a learning rate and is not included).
+
+    From ``max_lr / div_factor`` up to ``max_lr`` over the first ``pct_start`` of
+    ``total_steps``, then down to ``max_lr / div_factor / final_div_factor`` at the last
+    step; with ``three_phase`` back down to the start value symmetrically first, then to
+    the minimum. ``anneal_strategy`` is ``"cos"`` or ``"linear"``. After ``total_steps``
+    steps it holds the last step's value (torch raises).
+    """
+    if not (isinstance(total_steps, int) and total_steps > 0):
+        raise OptimizerConfigError(f"onecycle: total_steps must be a positive int, got {total_steps!r}")
+    if not 0.0 <= pct_start <= 1.0:
+        raise OptimizerConfigError(f"onecycle: pct_start must be in [0, 1], got {pct_start}")
+    if anneal_strategy not in ("cos", "linear"):
+        raise OptimizerConfigError(f"onecycle: anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
+    if max_lr < 0 or div_factor <= 0 or final_div_factor <= 0:
+        raise OptimizerConfigError(
+            f"onecycle: need max_lr >= 0 and positive div factors, got max_lr={max_lr}, div_factor={div_factor}, "
+            f"final_div_factor={final_div_factor}"
+        )
+    initial = max_lr / div_factor
+    minimum = initial / final_div_factor
+    rise = float(pct_start * total_steps) - 1
+    # (last step of the phase, value at its start, value at its end), as torch lays them out
+    if three_phase:
+        phases = [(rise, initial, max_lr), (2 * rise, max_lr, initial), (total_steps - 1.0, initial, minimum)]
+    else:
+        phases = [(rise, initial, max_lr), (total_steps - 1.0, max_lr, minimum)]
+    starts = [0.0] + [end for end, _, _ in phases[:-1]]
+    for i, ((end, _, _), start) in enumerate(zip(phases, starts)):
+        if end == start:
+            raise OptimizerConfigError(
+                f"onecycle: phase {i + 1} of total_steps={total_steps}, pct_start={pct_start} has no length "
+                "(torch divides by zero there); change pct_start or total_steps"
+            )
+
+    def anneal(start: float, end: float, pct: torch.Tensor) -> torch.Tensor:
+        if anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (torch.cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
+
+    def fn(c: torch.Tensor) -> torch.Tensor:
+        c = torch.clamp(c, 0, total_steps - 1)
+        (end, lo, hi), start = phases[-1], starts[-1]
+        value = anneal(lo, hi, (c - start) / (end - start))
+        # torch takes the first phase whose last step is >= c
+        for (end, lo, hi), start in reversed(list(zip(phases[:-1], starts[:-1]))):
+            value = torch.where(c <= end, anneal(lo, hi, (c - start) / (end - start)), value)
+        return value
+
+    return _schedule(fn)

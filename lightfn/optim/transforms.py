@@ -14,7 +14,7 @@ import torch
 
 from .. import tree as _tree
 from ..errors import StepError
-from ._checks import OptimizerConfigError, check_match, check_params, check_state, once_per_step, scalar_dtype, zero_count
+from ._checks import OptimizerConfigError, check_learning_rate, check_match, check_params, check_state, once_per_step, scalar_dtype, zero_count
 from .base import EmptyState, GradientTransformation, PyTree
 
 __all__ = [
@@ -85,6 +85,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     the number of updates made so far (0 for the first). The state records the rate each
     update used, so ``current_lr(opt_state)`` reads it without recomputing the schedule.
     """
+    check_learning_rate(learning_rate, "scale_by_learning_rate", "learning_rate")
     _check_nonneg("learning_rate", learning_rate, "scale_by_learning_rate")
     sign = -1.0 if flip_sign else 1.0
 
