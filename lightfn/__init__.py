@@ -18,6 +18,7 @@ from .errors import FitError
 from .module import functionalize
 from .predict import predict
 from .state import LossScale, TrainState
+from .summary import summary
 from .step import EvalStep, TrainStep, eval_step, train_step
 from .transforms import grad, jit, value_and_grad, vmap
 
@@ -35,6 +36,7 @@ __all__ = [
     "distributed",
     # models and transforms
     "functionalize",
+    "summary",
     "grad",
     "value_and_grad",
     "vmap",
