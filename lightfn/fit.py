@@ -233,7 +233,10 @@ def fit(
             loop.restore(_resume_path(resume_from, loop.ckpt_dir))
         if summary and spread.main:
             text = model_summary(summarized)
-            log.write(text) if log is not None else print(text, flush=True)
+            if log is not None:
+                log.write(text)
+            else:
+                print(text, flush=True)
         return spread.finish(loop.run(hparams))
 
 

@@ -44,7 +44,8 @@ def run(**kw):
     loader = lf.data.ArrayLoader((x, y), batch_size=8, seed=1)  # 4 batches per epoch
     kw.setdefault("max_epochs", 2)
     kw.setdefault("summary", False)  # tested in test_summary.py
-    return fit(lf.train_step(loss_fn, opt), state, loader, val_data=loader, eval_step=lf.eval_step(loss_fn), jit=False,
+    kw.setdefault("jit", False)
+    return fit(lf.train_step(loss_fn, opt), state, loader, val_data=loader, eval_step=lf.eval_step(loss_fn),
                log_every_n_steps=1, num_sanity_val_steps=0, **kw)
 
 
