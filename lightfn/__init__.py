@@ -19,6 +19,7 @@ from .module import functionalize
 from .per_sample import per_sample_grad
 from .predict import predict
 from .state import LossScale, TrainState
+from .summary import summary
 from .step import EvalStep, TrainStep, eval_step, train_step
 from .transforms import grad, jit, value_and_grad, vmap
 
@@ -37,6 +38,7 @@ __all__ = [
     "privacy",
     # models and transforms
     "functionalize",
+    "summary",
     "grad",
     "value_and_grad",
     "vmap",

@@ -31,6 +31,7 @@ from .callbacks.base import Callback, Context, Signal
 from .callbacks.checkpoint import ModelCheckpoint
 from .callbacks.lr_monitor import LearningRateMonitor
 from .callbacks.progress import ProgressBar
+from .callbacks.progress_log import ProgressLog
 from .data import iterate, num_batches
 from .errors import Preempted
 from .eval_sets import named_sets, prefix
@@ -40,6 +41,7 @@ from .loop import (FitError, Plan, Position, batch_dtype, configure_steps, first
 from .resume import data_seed, pack, run_metadata
 from .runner import EvalRunner, TrainRunner, evaluate, means, to_host
 from .state import TrainState
+from .summary import summary as model_summary
 from .distributed.strategy import Spread, Strategy, setup_strategy
 
 __all__ = ["fit", "Preempted", "FitError"]
@@ -75,6 +77,7 @@ def fit(
     loggers: Sequence[Logger] = (),
     log_every_n_steps: int = 50,
     progress: bool | None = None,
+    summary: bool | None = None,
     resume_from: str | os.PathLike[str] | None = None,
     hparams: Mapping[str, Any] | None = None,
     ckpt_dir: str | os.PathLike[str] | None = None,
@@ -151,8 +154,12 @@ def fit(
             ``lf.callbacks.LearningRateMonitor`` among ``callbacks`` fit logs no ``lr`` of
             its own: the monitor then owns every learning-rate name (one rule, no duplicates).
         log_every_n_steps: how often step metrics are copied to the host and logged.
-        progress: a tqdm bar (``lf.callbacks.ProgressBar``): ``None`` shows it when stdout
-            is a terminal, ``True`` always, ``False`` never.
+        progress: ``None``: a live tqdm bar (``lf.callbacks.ProgressBar``) when stdout is a
+            terminal, else plain lines (``lf.callbacks.ProgressLog``: one per epoch, and
+            one when the first call of a compiled train step starts and ends, with how
+            long it took); ``True``: the bar always; ``False``: nothing at all.
+        summary: print ``lf.summary`` of the params once at the start (rank 0 only);
+            ``None``: when progress output is on (``progress`` is not ``False``).
         resume_from: a checkpoint written by fit, or ``"last"`` (``last.safetensors`` in
             the first ModelCheckpoint's dirpath, or ``ckpt_dir``): restores the state, the
             loop position, the metric sums, the latest logged values and every callback's
@@ -186,10 +193,13 @@ def fit(
         max_epochs, max_steps, limit_train_batches, limit_val_batches = 1, n, n, n
         num_sanity_val_steps, val_check_interval, check_val_every_n_epoch = 0, None, 1
         loggers, progress = (), False
+    if summary is None:
+        summary = progress is not False
     device = resolve_device(device)
     metadata = run_metadata(hparams)  # checks hparams before anything runs
     val_sets = {} if val_data is None else named_sets(val_data)  # refuses an unclear form before anything runs
     step, state, eval_step = configure_steps(step, state, eval_step, precision, accumulate_grad_batches, gradient_clip_val)
+    summarized = state.params if isinstance(state, TrainState) else state  # whole tensors, before any sharding
     spread = setup_strategy(strategy, step, state, eval_step, callbacks)
     with spread.guard():  # from here on, the control group fit made is released however fit ends
         step, state, eval_step, device = spread.step, spread.state, spread.eval_step, spread.device(device)
@@ -208,7 +218,8 @@ def fit(
             num_sanity_val_steps=num_sanity_val_steps, limit_train_batches=limit_train_batches,
             limit_val_batches=limit_val_batches, log_every_n_steps=log_every_n_steps,
         )
-        callbacks = _with_progress_bar(list(callbacks), progress, plan.train_batches)
+        callbacks = _with_progress(list(callbacks), progress, plan.train_batches, plan.max_epochs)
+        log = next((cb for cb in callbacks if isinstance(cb, ProgressLog)), None)
         if ckpt_dir is None:
             ckpt_dir = next((cb.dirpath for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
         loop = _Loop(
@@ -216,10 +227,16 @@ def fit(
             state=_copy_to(state, device), train_data=train_data, val_sets=val_sets,
             callbacks=callbacks, loggers=list(loggers), device=device, writes=not fast_dev_run,
             ckpt_dir=None if ckpt_dir is None else Path(ckpt_dir), batch_dtype=batch_dtype(step), spread=spread,
-            metadata=metadata,
+            metadata=metadata, say=log.write if log is not None and spread.main else None,
         )
         if resume_from is not None:
             loop.restore(_resume_path(resume_from, loop.ckpt_dir))
+        if summary and spread.main:
+            text = model_summary(summarized)
+            if log is not None:
+                log.write(text)
+            else:
+                print(text, flush=True)
         return spread.finish(loop.run(hparams))
 
 
@@ -229,11 +246,15 @@ class _Loop:
     def __init__(self, *, plan: Plan, train: TrainRunner, evaluate: EvalRunner | None, state: Any, train_data: Any,
                  val_sets: dict[str | None, Any], callbacks: list[Callback], loggers: list[Logger], device: torch.device, writes: bool,
                  ckpt_dir: Path | None, batch_dtype: torch.dtype | None, spread: Spread,
-                 metadata: Mapping[str, Any]) -> None:
+                 metadata: Mapping[str, Any], say: Callable[[str], None] | None = None) -> None:
         self.plan, self.train, self.evaluate, self.state = plan, train, evaluate, state
         self.train_data, self.val_sets, self.callbacks, self.loggers = train_data, val_sets, callbacks, loggers
         self.device, self.writes, self.ckpt_dir, self.main = device, writes, ckpt_dir, spread.main
         self.batch_dtype, self.spread, self.metadata = batch_dtype, spread, metadata
+        self.say = say  # plain progress lines (None: no ProgressLog, or not rank 0)
+        # Only a step that goes through torch.compile has its first call announced: an
+        # eager run is never said to compile.
+        self.compile_pending = say is not None and train.compiles
         self.log_lr = not any(isinstance(cb, LearningRateMonitor) for cb in callbacks)
         self.pos, self.acc, self.metrics = Position(), None, {}
         self.stop_reason, self.t0 = "", time.monotonic()
@@ -261,7 +282,7 @@ class _Loop:
                     self.validate()  # resumed from a checkpoint written just before a due validation
                 while not self.finished():
                     for batch in self.batches():
-                        self.state, self.acc, metrics = self.train(self.state, self.acc, self.to_device(batch))
+                        self.state, self.acc, metrics = self.train_step(self.to_device(batch))
                         pos.batch, pos.step = pos.batch + 1, pos.step + 1
                         if pos.step % plan.log_every_n_steps == 0:
                             self.log_step(metrics)
@@ -304,6 +325,20 @@ class _Loop:
         pos, n = self.pos, self.plan.train_batches
         data = iterate(self.train_data, pos.epoch, start=pos.batch)
         return data if n is None else itertools.islice(data, max(0, n - pos.batch))
+
+    def train_step(self, batch: Any) -> tuple[Any, torch.Tensor, Mapping[str, torch.Tensor]]:
+        if not self.compile_pending:
+            return self.train(self.state, self.acc, batch)
+        # The first call of a compiled step traces and compiles it (seconds to minutes):
+        # say so, so a quiet log does not look hung, and how long it took. Host wall time
+        # of the call: compilation is synchronous, the step's own kernels are not waited for.
+        assert self.say is not None
+        self.say("compiling the train step (its first call)...")
+        start = time.monotonic()
+        out = self.train(self.state, self.acc, batch)
+        self.compile_pending = False
+        self.say(f"train step compiled in {time.monotonic() - start:.1f} s")
+        return out
 
     def end_epoch(self) -> None:
         pos = self.pos
@@ -419,11 +454,16 @@ class _Loop:
 # ----------------------------------------------------------------------------- setup helpers
 
 
-def _with_progress_bar(callbacks: list[Callback], progress: bool | None, total: int | None) -> list[Callback]:
-    if progress is None:
-        progress = sys.stdout.isatty()
-    if progress and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+def _with_progress(callbacks: list[Callback], progress: bool | None, total: int | None,
+                   max_epochs: int | None) -> list[Callback]:
+    """Add the default progress display unless the caller gave one: a live bar on a
+    terminal (or with ``progress=True``), plain lines elsewhere, nothing with ``False``."""
+    if progress is False or any(isinstance(cb, (ProgressBar, ProgressLog)) for cb in callbacks):
+        return callbacks
+    if progress or sys.stdout.isatty():
         callbacks.append(ProgressBar(total=total))
+    else:
+        callbacks.append(ProgressLog(max_epochs=max_epochs))
     return callbacks
 
 

@@ -34,7 +34,7 @@ from . import tree
 from ._diagnostics import first_line
 from .errors import CompileError, FitError, LightfnError, StepError, TreeError
 from .step import describe
-from .transforms import Jitted, jit
+from .transforms import Jitted, jit, jit_disabled
 
 __all__ = ["TrainRunner", "EvalRunner", "evaluate", "batch_size", "means", "to_host"]
 
@@ -188,6 +188,17 @@ class TrainRunner:
         """The metric names ``acc`` holds: known after the first step, or from the checkpoint
         a run resumed from (one resumed at an epoch's end may close it before any step)."""
         return self.names if self.names is not None else self.expected_names
+
+    @property
+    def compiles(self) -> bool:
+        """Whether calls go through ``torch.compile`` (so the first one compiles): the fused
+        graph fit builds, or a step the user wrapped in ``lf.jit``; False when eager or
+        when ``LIGHTFN_DISABLE_JIT`` turned jit off."""
+        if self._compiled is not None:
+            return self._compiled.compiled
+        if isinstance(self.step, Jitted):
+            return self.step.compiled
+        return self.fused and not jit_disabled()
 
     def __call__(self, state: Any, acc: torch.Tensor | None, batch: Any) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
         if self.names is None:

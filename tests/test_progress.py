@@ -1,5 +1,6 @@
-"""The progress bar: on by default only on a terminal, off with progress=False, forced on with
-progress=True, and what it shows (read back from the stream tqdm writes to)."""
+"""Progress output: a live bar on a terminal (forced with progress=True), plain lines (one per
+epoch, and around the first compiled step) when stdout is not a terminal, nothing with
+progress=False; what each shows (read back from the stream it writes to)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import lightfn as lf
-from lightfn.callbacks import Context, ProgressBar
+from lightfn.callbacks import Callback, Context, ProgressBar, ProgressLog
 from lightfn.fit import fit
 
 D = 4
@@ -42,7 +43,9 @@ def run(**kw):
     state = lf.TrainState.create(params={"w": torch.zeros(D)}, optimizer=opt)
     loader = lf.data.ArrayLoader((x, y), batch_size=8, seed=1)  # 4 batches per epoch
     kw.setdefault("max_epochs", 2)
-    return fit(lf.train_step(loss_fn, opt), state, loader, val_data=loader, eval_step=lf.eval_step(loss_fn), jit=False,
+    kw.setdefault("summary", False)  # tested in test_summary.py
+    kw.setdefault("jit", False)
+    return fit(lf.train_step(loss_fn, opt), state, loader, val_data=loader, eval_step=lf.eval_step(loss_fn),
                log_every_n_steps=1, num_sanity_val_steps=0, **kw)
 
 
@@ -51,10 +54,91 @@ def final_lines(text):
     return [line.rsplit("\r", 1)[-1] for line in text.split("\n") if line.strip()]
 
 
-def test_no_bar_by_default_when_stdout_is_not_a_terminal(capsys):
-    run()
+class Record(Callback):
+    """What the loop logged at each epoch's end."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_epoch_end(self, ctx):
+        self.seen.append((ctx.step, dict(ctx.metrics)))
+
+
+def expected_lines(record, max_epochs="2"):
+    out = []
+    for epoch, (step, m) in enumerate(record.seen):
+        names = ["train/loss_epoch", "train/mae_epoch", "val/loss", "val/mae"]
+        values = "  ".join(f"{k}={m[k]:.4g}" for k in names)
+        out.append(f"epoch {epoch + 1}{'/' + max_epochs if max_epochs else ''}  step {step}  {values}  ")
+    return out
+
+
+def split_elapsed(line):
+    """(the line without its trailing seconds, the seconds): elapsed time is never compared."""
+    match = re.fullmatch(r"(.*  )(\d+\.\d)s", line)
+    assert match, line
+    return match.group(1), float(match.group(2))
+
+
+def test_plain_lines_by_default_when_stdout_is_not_a_terminal(capsys):
+    record = Record()
+    out = run(callbacks=[record])
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert "\r" not in captured.out and "epoch" not in captured.err  # no live bar
+    assert [split_elapsed(line)[0] for line in lines] == expected_lines(record)
+    assert [step for step, _ in record.seen] == [4, 8]
+    # the numbers shown are the logged ones: the last val/loss is an evaluation of the final params
+    shown = float(re.search(r"val/loss=([0-9.e+-]+)", lines[-1]).group(1))
+    assert shown == pytest.approx(loss_fn(out.params, dataset())[0].item(), rel=1e-3)
+    assert "compil" not in captured.out  # an eager run is never said to compile
+
+
+def test_plain_lines_without_max_epochs_and_with_a_step_limit(capsys):
+    record = Record()
+    run(callbacks=[record], max_epochs=None, max_steps=6)  # two epochs: 4 steps, then 2
+    lines = capsys.readouterr().out.splitlines()
+    assert [split_elapsed(line)[0] for line in lines] == expected_lines(record, max_epochs=None)
+    assert [step for step, _ in record.seen] == [4, 6]
+
+
+def test_progress_false_prints_nothing(capsys):
+    run(progress=False)
     out = capsys.readouterr()
-    assert out.out == "" and "epoch" not in out.err
+    assert out.out == "" and out.err == ""
+
+
+def test_a_jit_step_that_does_not_compile_is_not_said_to_compile(capsys):
+    x, y = dataset()
+    opt = lf.optim.sgd(0.05)
+    state = lf.TrainState.create(params={"w": torch.zeros(D)}, optimizer=opt)
+    step = lf.jit(lf.train_step(loss_fn, opt), donate=True, disable=True)
+    fit(step, state, [(x, y)], max_epochs=1, jit=True, summary=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/1  step 1  train/loss_epoch=")
+
+
+@pytest.mark.compile
+def test_the_first_compiled_step_is_announced_with_its_duration(capsys):
+    record = Record()
+    out = run(callbacks=[record], jit=True, max_epochs=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "compiling the train step (its first call)..."
+    assert re.fullmatch(r"train step compiled in \d+\.\d s", lines[1]), lines[1]
+    assert [split_elapsed(line)[0] for line in lines[2:]] == expected_lines(record)
+    assert float(re.search(r"val/loss=([0-9.e+-]+)", lines[-1]).group(1)) == pytest.approx(
+        loss_fn(out.params, dataset())[0].item(), rel=1e-3)
+
+
+def test_a_given_progress_log_is_used_and_silent_on_other_ranks(monkeypatch, capsys):
+    stream, record = io.StringIO(), Record()
+    run(callbacks=[ProgressLog(max_epochs=9, file=stream), record])
+    assert capsys.readouterr().out == ""  # no second display added
+    assert [split_elapsed(line)[0] for line in stream.getvalue().splitlines()] == expected_lines(record, "9")
+    monkeypatch.setattr(sys.modules["lightfn.distributed.strategy"], "is_main", lambda: False)
+    stream = io.StringIO()
+    run(callbacks=[ProgressLog(file=stream)])
+    assert stream.getvalue() == "" and capsys.readouterr().out == ""
 
 
 def test_bar_by_default_on_a_terminal_and_none_with_progress_false(monkeypatch):

@@ -24,6 +24,10 @@ def test_only_the_no_cuda_runtime_message_is_dropped_and_only_inside_the_block(m
     # Pretend cpp_extension is not imported yet (the only time the message can appear).
     monkeypatch.delitem(sys.modules, "torch.utils.cpp_extension", raising=False)
     logger = logging.getLogger("torch.utils.cpp_extension")
+    # Earlier tests may have compiled (torch's logging then sets this logger's level): make
+    # warnings reach our handler whatever ran before.
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "level", logging.WARNING)
     records = _Records()
     logger.addHandler(records)
     filters_before = list(logger.filters)
