@@ -10,14 +10,18 @@ optimizer moments, plus the small replicated leaves) as an ordinary lightfn chec
     {"format": "lightfn.sharded", "version": 1, "world_size": 2,
      "files": ["3f9a...-shard-00000-of-00002.safetensors", "..."],
      "sharded": {"['params']": {"paths": [...], "shapes": [...], "dtype": "float32",
-                               "total": 50890, "world_size": 2, "shard_size": 25445, "padding": 0}},
+                               "total": 50890, "world_size": 2, "shard_size": 25445, "padding": 0,
+                               "tree": {"kind": "dict", ...}}},
      "metadata": {...}}
 
 ``"sharded"`` names, for each sharded subtree (params, each optimizer moment), the params'
 paths and shapes in flatten order and how the flat vector was padded and cut, so
 :func:`load_sharded` can rebuild the full flat vectors from the files and cut them again
 for a different world size (2 ranks -> 1, 1 -> 2...), exactly. Each rank reads only the
-files whose slices overlap its own.
+files whose slices overlap its own. ``"tree"`` describes the params' containers (as in a
+checkpoint's structure, leaves numbered in flatten order), so ``lf.load(folder)`` can
+rebuild the full params in a plain process without a template
+(:mod:`lightfn.distributed.sharded_folder`).
 
 Crash safety: every save uses fresh file names (a tag agreed by all ranks) and the index is
 replaced atomically only after every rank has written, so a crash mid-save leaves the
@@ -41,7 +45,8 @@ import torch
 import torch.distributed as dist
 
 from .. import tree
-from ..checkpoint import load, save, write_atomic
+from .._ckpt_format import SHARDED_INDEX
+from ..checkpoint import describe_structure, load, save, write_atomic
 from ..errors import CheckpointError
 from ..state import TrainState
 from .fully_sharded import ShardedParams, unshard_tree
@@ -49,7 +54,7 @@ from .mesh import Mesh, barrier, guard
 
 __all__ = ["save_sharded", "load_sharded", "read_index", "full_template", "cut_full", "INDEX_NAME"]
 
-INDEX_NAME = "index.json"
+INDEX_NAME = SHARDED_INDEX
 _FORMAT = "lightfn.sharded"
 _VERSION = 1
 _SHARD_FILE = re.compile(r"[0-9a-f]+-shard-\d{5}-of-\d{5}\.safetensors")
@@ -117,7 +122,9 @@ def save_sharded(
             "version": _VERSION,
             "world_size": mesh.world_size,
             "files": names,
-            "sharded": {key: node.layout.describe() for key, node in nodes},
+            # "tree": the params' containers (leaves = leaf indices), so a plain process can
+            # rebuild full params from the flat slices without a template (lf.load(folder)).
+            "sharded": {key: {**node.layout.describe(), "tree": describe_structure(node.layout.skeleton)} for key, node in nodes},
             "metadata": dict(metadata or {}),
         }
         write_atomic(index, lambda f: f.write(json.dumps(contents, indent=1).encode("utf-8")))
