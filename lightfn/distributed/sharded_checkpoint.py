@@ -52,7 +52,7 @@ from ..state import TrainState
 from .fully_sharded import ShardedParams, unshard_tree
 from .mesh import Mesh, barrier, guard
 
-__all__ = ["save_sharded", "load_sharded", "read_index", "full_template", "cut_full", "INDEX_NAME"]
+__all__ = ["save_sharded", "load_sharded", "read_index", "index_contents", "full_template", "cut_full", "INDEX_NAME"]
 
 INDEX_NAME = SHARDED_INDEX
 _FORMAT = "lightfn.sharded"
@@ -117,22 +117,28 @@ def save_sharded(
     barrier(mesh)  # every shard is on disk before the index points at them
     index = target / INDEX_NAME
     if mesh.is_main:
-        contents = {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "world_size": mesh.world_size,
-            "files": names,
-            # "tree": the params' containers (leaves = leaf indices), so a plain process can
-            # rebuild full params from the flat slices without a template (lf.load(folder)).
-            "sharded": {key: {**node.layout.describe(), "tree": describe_structure(node.layout.skeleton)} for key, node in nodes},
-            "metadata": dict(metadata or {}),
-        }
+        contents = index_contents(state, names, metadata)
         write_atomic(index, lambda f: f.write(json.dumps(contents, indent=1).encode("utf-8")))
         for entry in os.scandir(target):
             if _SHARD_FILE.fullmatch(entry.name) and entry.name not in names:
                 Path(entry.path).unlink(missing_ok=True)
     barrier(mesh)
     return index
+
+
+def index_contents(state: Any, names: list[str], metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The JSON of ``index.json`` for rank ``r``'s part of ``state`` saved as ``names[r]``
+    (any rank's part: the layouts are the same on all)."""
+    return {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "world_size": len(names),
+        "files": list(names),
+        # "tree": the params' containers (leaves = leaf indices), so a plain process can
+        # rebuild full params from the flat slices without a template (lf.load(folder)).
+        "sharded": {key: {**node.layout.describe(), "tree": describe_structure(node.layout.skeleton)} for key, node in _sharded_nodes(state)},
+        "metadata": dict(metadata or {}),
+    }
 
 
 def read_index(folder: Path) -> dict[str, Any]:
