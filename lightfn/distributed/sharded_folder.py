@@ -200,21 +200,22 @@ _PATH_PART = re.compile(r"\[('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|-?\d+)\]")
 
 
 def _skeleton_from_paths(folder: Path, key: str, paths: Any, n: int) -> dict[str, Any]:
+    """Nested dicts numbered like the params' leaves, from their keystr paths
+    (``"['enc']['w']"``): for indexes written before the params tree was stored."""
     root: dict[Any, Any] = {}
     for i, text in enumerate(paths if isinstance(paths, list) and len(paths) == n else []):
-        parts = [ast.literal_eval(m[1]) for m in _PATH_PART.finditer(text)]
-        if not parts or "".join(m[0] for m in _PATH_PART.finditer(text)) != text:
-            break
+        found = list(_PATH_PART.finditer(str(text)))
+        if not found or "".join(m[0] for m in found) != text:
+            raise CheckpointError(
+                f"{folder / INDEX_NAME}: state{key}'s params path {text!r} cannot be rebuilt without a template; "
+                "restore it with lf.distributed.load_sharded(folder, like, lf.distributed.single_process_mesh())."
+            )
+        parts = [ast.literal_eval(m[1]) for m in found]
         d = root
         for p in parts[:-1]:
             d = d.setdefault(p, {})
         d[parts[-1]] = i
-    else:
-        return describe_structure(root)
-    raise CheckpointError(
-        f"{folder / INDEX_NAME}: state{key}'s params paths cannot be rebuilt without a template; "
-        "restore it with lf.distributed.load_sharded(folder, like, lf.distributed.single_process_mesh())."
-    )
+    return describe_structure(root)
 
 
 def _leaf_key(key: str, i: int) -> str:
@@ -276,7 +277,7 @@ def _reassembled(
     def leaves_of(key: str) -> tuple[torch.Tensor, ...]:
         if key not in full:
             desc = descs[key]
-            parts = [fetch(nodes[key]["children"][0], (key, "shard"), torch.device("cpu")) for _, nodes, fetch in opened]
+            parts = [read(nodes[key]["children"][0], (key, "shard"), torch.device("cpu")) for _, nodes, read in opened]
             flat = torch.cat(parts)[: desc["total"]]  # padding dropped
             pieces = torch.split(flat, [math.prod(s) for s in desc["shapes"]])
             # Each leaf its own storage (views of one buffer would save as one tensor).
