@@ -54,6 +54,9 @@ FIT_WRITER_KEY, FIT_WRITER = "written_by", "lightfn.fit"
 FIT_RUN_KEYS = ("loop", "callbacks")
 # fit(hparams=...) is stored under this key of the user metadata (see read_metadata).
 HPARAMS_KEY = "hparams"
+# A sharded checkpoint (lightfn.distributed.save_sharded) is a folder of per-rank files plus
+# this index; lf.load recognizes such a folder by it.
+SHARDED_INDEX = "index.json"
 
 # safetensors refuses headers above 100 MB; a larger claim is damage, not a checkpoint.
 MAX_HEADER_BYTES = 100_000_000

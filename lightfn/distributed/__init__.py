@@ -10,7 +10,8 @@
 - :func:`fully_sharded`: ZeRO-3; :func:`shard_state`, :func:`unshard_state`,
   :func:`gather_params`.
 - :func:`save_sharded` / :func:`load_sharded`: one safetensors file per rank plus an index,
-  restorable on a different world size.
+  restorable on a different world size; :func:`consolidate` (or ``lf.load(folder)``) reads
+  one back in a plain process as the full state.
 - :class:`Strategy`: ``lf.fit(..., strategy="ddp" | "fsdp" | Strategy(...))`` runs the fit
   loop on every rank (:mod:`lightfn.distributed.strategy`).
 """
@@ -36,6 +37,7 @@ from .mesh import (
     world_size,
 )
 from .sharded_checkpoint import load_sharded, save_sharded
+from .sharded_folder import consolidate
 from .strategy import Strategy
 
 __all__ = [
@@ -70,5 +72,6 @@ __all__ = [
     "shard_bytes",
     "save_sharded",
     "load_sharded",
+    "consolidate",
     "Strategy",
 ]

@@ -55,6 +55,7 @@ __all__ = [
     "fully_sharded",
     "FullyShardedStep",
     "shard_state",
+    "cut_state",
     "unshard_state",
     "unshard_tree",
     "gather_params",
@@ -212,8 +213,15 @@ def shard_state(state: TrainState, mesh: Mesh) -> TrainState:
     if mesh.distributed:
         check_same_structure(state, mesh, what="state")
         state = broadcast(state, mesh, src=0)
-    layout = _layout_of(state.params, mesh.world_size)
-    lo = mesh.rank * layout.shard_size
+    return cut_state(state, mesh.rank, mesh.world_size)
+
+
+def cut_state(state: TrainState, rank: int, world_size: int) -> TrainState:
+    """Rank ``rank`` of ``world_size``'s sharded form of ``state``, without any collective:
+    what :func:`shard_state` gives on that rank once all ranks agree on the state (also
+    how tests build every rank's part in one process)."""
+    layout = _layout_of(state.params, world_size)
+    lo = rank * layout.shard_size
 
     def cut(x: Any) -> Any:
         if not _like_params(layout)(x):

@@ -10,14 +10,18 @@ optimizer moments, plus the small replicated leaves) as an ordinary lightfn chec
     {"format": "lightfn.sharded", "version": 1, "world_size": 2,
      "files": ["3f9a...-shard-00000-of-00002.safetensors", "..."],
      "sharded": {"['params']": {"paths": [...], "shapes": [...], "dtype": "float32",
-                               "total": 50890, "world_size": 2, "shard_size": 25445, "padding": 0}},
+                               "total": 50890, "world_size": 2, "shard_size": 25445, "padding": 0,
+                               "tree": {"kind": "dict", ...}}},
      "metadata": {...}}
 
 ``"sharded"`` names, for each sharded subtree (params, each optimizer moment), the params'
 paths and shapes in flatten order and how the flat vector was padded and cut, so
 :func:`load_sharded` can rebuild the full flat vectors from the files and cut them again
 for a different world size (2 ranks -> 1, 1 -> 2...), exactly. Each rank reads only the
-files whose slices overlap its own.
+files whose slices overlap its own. ``"tree"`` describes the params' containers (as in a
+checkpoint's structure, leaves numbered in flatten order), so ``lf.load(folder)`` can
+rebuild the full params in a plain process without a template
+(:mod:`lightfn.distributed.sharded_folder`).
 
 Crash safety: every save uses fresh file names (a tag agreed by all ranks) and the index is
 replaced atomically only after every rank has written, so a crash mid-save leaves the
@@ -41,15 +45,16 @@ import torch
 import torch.distributed as dist
 
 from .. import tree
-from ..checkpoint import load, save, write_atomic
+from .._ckpt_format import SHARDED_INDEX
+from ..checkpoint import describe_structure, load, save, write_atomic
 from ..errors import CheckpointError
 from ..state import TrainState
 from .fully_sharded import ShardedParams, unshard_tree
 from .mesh import Mesh, barrier, guard
 
-__all__ = ["save_sharded", "load_sharded", "read_index", "full_template", "cut_full", "INDEX_NAME"]
+__all__ = ["save_sharded", "load_sharded", "read_index", "index_contents", "full_template", "cut_full", "INDEX_NAME"]
 
-INDEX_NAME = "index.json"
+INDEX_NAME = SHARDED_INDEX
 _FORMAT = "lightfn.sharded"
 _VERSION = 1
 _SHARD_FILE = re.compile(r"[0-9a-f]+-shard-\d{5}-of-\d{5}\.safetensors")
@@ -112,20 +117,28 @@ def save_sharded(
     barrier(mesh)  # every shard is on disk before the index points at them
     index = target / INDEX_NAME
     if mesh.is_main:
-        contents = {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "world_size": mesh.world_size,
-            "files": names,
-            "sharded": {key: node.layout.describe() for key, node in nodes},
-            "metadata": dict(metadata or {}),
-        }
+        contents = index_contents(state, names, metadata)
         write_atomic(index, lambda f: f.write(json.dumps(contents, indent=1).encode("utf-8")))
         for entry in os.scandir(target):
             if _SHARD_FILE.fullmatch(entry.name) and entry.name not in names:
                 Path(entry.path).unlink(missing_ok=True)
     barrier(mesh)
     return index
+
+
+def index_contents(state: Any, names: list[str], metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The JSON of ``index.json`` for rank ``r``'s part of ``state`` saved as ``names[r]``
+    (any rank's part: the layouts are the same on all)."""
+    return {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "world_size": len(names),
+        "files": list(names),
+        # "tree": the params' containers (leaves = leaf indices), so a plain process can
+        # rebuild full params from the flat slices without a template (lf.load(folder)).
+        "sharded": {key: {**node.layout.describe(), "tree": describe_structure(node.layout.skeleton)} for key, node in _sharded_nodes(state)},
+        "metadata": dict(metadata or {}),
+    }
 
 
 def read_index(folder: Path) -> dict[str, Any]:

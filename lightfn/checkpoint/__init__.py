@@ -35,10 +35,10 @@ from typing import Any, BinaryIO
 import optree
 import torch
 
-from . import _ckpt_format as fmt
-from . import tree as _tree
-from .errors import CheckpointError
-from .tree import NAMESPACE, KeyPath, PyTree, keystr
+from .. import _ckpt_format as fmt
+from .. import tree as _tree
+from ..errors import CheckpointError
+from ..tree import NAMESPACE, KeyPath, PyTree, keystr
 
 __all__ = ["save", "load", "read_metadata", "CheckpointError"]
 
@@ -101,9 +101,23 @@ def load(
     loads only that part; the rest of the tensor data is never read. ``like`` is then the
     template of that part. ``verify`` checks the CRC32 of each tensor read and of the
     metadata; turn it off only to save time on a trusted file.
+
+    ``path`` may also be a sharded checkpoint folder (``index.json`` plus one file per rank,
+    from ``lf.fit(strategy="fsdp")`` or ``lf.distributed.save_sharded``): it loads in this
+    one process, without a process group, as the unsharded tree (each sharded params or
+    optimizer-moment subtree reassembled from every rank's file), exactly what
+    ``lf.distributed.unshard_state`` gives. ``python -m lightfn.checkpoint consolidate
+    FOLDER OUT`` turns such a folder into one ordinary file.
     """
     path = Path(os.fspath(path))
     prefix = _as_key_path(subtree)
+    if _is_sharded_folder(path):
+        # Imported here, not at the top: lightfn.distributed imports this module (to save
+        # each rank's file), so a top-level import would be a cycle; and a plain
+        # single-process load should not pay for importing the distributed package.
+        from ..distributed.sharded_folder import load_folder
+
+        return load_folder(path, like, device=device, prefix=prefix, verify=verify)
     with fmt.open_checkpoint(path) as f:
         header = fmt.read_header(path, f)
         meta = fmt.parse_lightfn_meta(path, header.metadata, verify=verify)
@@ -111,13 +125,45 @@ def load(
         if meta is None:
             return _load_foreign(path, header, prefix, like, fetch)
         fmt.check_structure(path, meta.structure, header)
-        node = _descend(path, meta.structure, prefix)
-        if like is None:
-            return _rebuild(node, prefix, fetch)
-        found = dict(_described_leaves(node, ()))
-        if not prefix and meta.user.get(fmt.FIT_WRITER_KEY) == fmt.FIT_WRITER:
-            found = _without_run_bookkeeping(found, like)
-        return _restore(path, like, prefix, found, fetch)
+        return load_described(path, meta.structure, meta.user, prefix, like, fetch)
+
+
+def _is_sharded_folder(path: Path) -> bool:
+    return path.is_dir() and (path / fmt.SHARDED_INDEX).is_file()
+
+
+def load_described(
+    path: Path,
+    structure: dict[str, Any],
+    user: Mapping[str, Any],
+    prefix: KeyPath,
+    like: PyTree | None,
+    fetch: Callable[..., torch.Tensor],
+) -> PyTree:
+    """The part of :func:`load` after the file is opened: the tree described by a checked
+    ``structure`` (see :mod:`lightfn._ckpt_format`) with user metadata ``user``, below
+    ``prefix``, rebuilt or fitted into ``like``; tensors come from ``fetch(node, where, device)``.
+
+    Shared with the reader of sharded folders (:mod:`lightfn.distributed.sharded_folder`),
+    which describes the reassembled tree the same way, so both loads behave identically.
+    """
+    node = _descend(path, structure, prefix)
+    if like is None:
+        return _rebuild(node, prefix, fetch)
+    found = dict(_described_leaves(node, ()))
+    if not prefix and user.get(fmt.FIT_WRITER_KEY) == fmt.FIT_WRITER:
+        found = _without_run_bookkeeping(found, like)
+    return _restore(path, like, prefix, found, fetch)
+
+
+def describe_structure(tree: PyTree) -> dict[str, Any]:
+    """The JSON structure description (as stored in a checkpoint) of a tree without tensors,
+    e.g. a params skeleton whose leaves are leaf indices (a sharded checkpoint's index keeps
+    one per sharded subtree so a plain process can rebuild the params' containers)."""
+    structure, tensors = _pack(Path("<structure>"), tree)
+    if tensors:
+        raise CheckpointError("describe_structure takes a tree without tensors")
+    return structure
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -129,6 +175,10 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     ``metadata`` is its raw string-to-string ``__metadata__`` and the rest is ``None``.
     """
     path = Path(os.fspath(path))
+    if _is_sharded_folder(path):
+        from ..distributed.sharded_folder import read_folder_metadata  # lazy: see load
+
+        return read_folder_metadata(path)
     with fmt.open_checkpoint(path) as f:
         header = fmt.read_header(path, f)
     meta = fmt.parse_lightfn_meta(path, header.metadata, verify=True)
