@@ -1,10 +1,9 @@
-"""What the examples share besides data: their command-line flags and a per-epoch printout.
+"""What the examples share besides data: their command-line flags and set-up.
 
 ``example_parser`` gives every example the same flags (data folder, output folder, epochs,
 limits, batch size, learning rate, ``--no-jit``, seed, threads); ``setup`` applies the seed
-and the thread count; ``EpochPrinter`` is a callback printing one line per epoch, so a run
-whose output goes to a file or a CI log still says what it is doing (the progress bar is
-only drawn on a terminal).
+and the thread count. The examples print one line per epoch with
+``lf.callbacks.ProgressLog``, on a terminal or not.
 """
 
 from __future__ import annotations
@@ -12,14 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 import pathlib
-import time
 
 import torch
-from tqdm.auto import tqdm
 
 import lightfn as lf
 
-__all__ = ["example_parser", "setup", "EpochPrinter"]
+__all__ = ["example_parser", "setup"]
 
 
 def _int_or_fraction(text: str) -> int | float:
@@ -58,26 +55,3 @@ def setup(args: argparse.Namespace) -> None:
     # inductor's C++ toolchain lookup warns "No CUDA runtime is found" on every CPU-only
     # machine; it says nothing about this run
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-
-
-class EpochPrinter(lf.callbacks.Callback):
-    """Prints ``epoch 3/20  step 420  train/loss 0.0452  val/loss 0.0449 ...  12.3 s`` per epoch.
-
-    It reads only the values fit already copied to the host (``ctx.metrics``): printing
-    adds no device sync. ``names`` picks and orders the metrics shown.
-    """
-
-    def __init__(self, names: tuple[str, ...], max_epochs: int | None = None) -> None:
-        self.names = names
-        self.max_epochs = max_epochs
-        self._t0 = time.monotonic()
-
-    def on_fit_start(self, ctx: lf.callbacks.Context) -> None:
-        self._t0 = time.monotonic()
-
-    def on_epoch_end(self, ctx: lf.callbacks.Context) -> None:
-        if not ctx.is_main:
-            return
-        of = f"/{self.max_epochs}" if self.max_epochs else ""
-        shown = "  ".join(f"{n} {ctx.metrics[n]:.4f}" for n in self.names if n in ctx.metrics)
-        tqdm.write(f"epoch {ctx.epoch + 1}{of}  step {ctx.step}  {shown}  {time.monotonic() - self._t0:.1f} s")

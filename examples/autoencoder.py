@@ -27,7 +27,7 @@ from torch import nn
 import lightfn as lf
 from lightfn.fit import fit
 
-from _common import EpochPrinter, example_parser, setup
+from _common import example_parser, setup
 from _data import load_mnist
 
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     csv = lf.loggers.CSVLogger(args.out, name="", version=tensorboard.version)
     run_dir = tensorboard.log_dir
     checkpoint = lf.callbacks.ModelCheckpoint(run_dir / "checkpoints", monitor="val/loss", save_last=True)
-    printer = EpochPrinter(("train/loss_epoch", "val/loss", "val/mae"), args.max_epochs)
+    printer = lf.callbacks.ProgressLog(max_epochs=args.max_epochs)  # one line per epoch, terminal or not
 
     n_params = lf.tree.size(state.params)
     how = "eagerly" if args.no_jit else "compiled with lf.jit (the first steps include compilation)"

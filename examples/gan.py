@@ -28,7 +28,7 @@ from torch import nn
 import lightfn as lf
 from lightfn.fit import fit
 
-from _common import EpochPrinter, example_parser, setup
+from _common import example_parser, setup
 from _data import load_mnist
 
 LATENT = 64
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     train = lf.data.ArrayLoader((data.train_images,), batch_size=args.batch_size, seed=args.seed)
     logger = lf.loggers.CSVLogger(args.out, name="")
     checkpoint = lf.callbacks.ModelCheckpoint(logger.log_dir / "checkpoints", save_last=True)
-    printer = EpochPrinter(("train/d_loss_epoch", "train/g_loss_epoch", "train/d_real_epoch", "train/d_fake_epoch"), args.max_epochs)
+    printer = lf.callbacks.ProgressLog(max_epochs=args.max_epochs)  # one line per epoch, terminal or not
 
     how = "eagerly" if args.no_jit else "compiled with lf.jit (the first steps include compilation)"
     print(f"training an MLP GAN (generator {lf.tree.size(g_params):,} params, discriminator {lf.tree.size(d_params):,}), "

@@ -23,7 +23,7 @@ from torch import nn
 import lightfn as lf
 from lightfn.fit import fit
 
-from _common import EpochPrinter, example_parser, setup
+from _common import example_parser, setup
 from _data import load_mnist
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     logger = lf.loggers.CSVLogger(args.out, name="")
     early_stopping = lf.callbacks.EarlyStopping(monitor="val/acc", mode="max", patience=args.patience)
     checkpoint = lf.callbacks.ModelCheckpoint(logger.log_dir / "checkpoints", monitor="val/acc", mode="max")
-    printer = EpochPrinter(("train/loss_epoch", "train/acc_epoch", "val/loss", "val/acc"), args.max_epochs)
+    printer = lf.callbacks.ProgressLog(max_epochs=args.max_epochs)  # one line per epoch, terminal or not
 
     how = "eagerly" if args.no_jit else "compiled with lf.jit (the first steps include compilation)"
     print(f"training a CNN with BatchNorm ({lf.tree.size(params):,} params, {lf.tree.size(buffers):,} buffer values), "
