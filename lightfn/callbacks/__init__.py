@@ -8,6 +8,5 @@ from .early_stopping import EarlyStopping, MisconfigurationError
 from .lr_monitor import LearningRateMonitor
 from .nan import NonFiniteLossError, TerminateOnNaN
 from .timer import Timer
-from ..privacy.budget import PrivacyBudget
 
-__all__ = ["Callback", "Context", "Signal", "ModelCheckpoint", "ProgressBar", "ProgressLog", "EarlyStopping", "MisconfigurationError", "LearningRateMonitor", "TerminateOnNaN", "NonFiniteLossError", "Timer", "PrivacyBudget"]
+__all__ = ["Callback", "Context", "Signal", "ModelCheckpoint", "ProgressBar", "ProgressLog", "EarlyStopping", "MisconfigurationError", "LearningRateMonitor", "TerminateOnNaN", "NonFiniteLossError", "Timer"]
