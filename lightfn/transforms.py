@@ -25,6 +25,7 @@ import torch.func
 
 from . import tree
 from ._diagnostics import first_line, user_frame
+from ._isa import isa_options, remember_isa_probe
 from ._quiet import compile_messages_quieted
 from .errors import CompileError, LightfnError, StepError
 
@@ -162,6 +163,7 @@ class Jitted:
         self.compiled = compiled
         self._target = _donating(fn) if donate else fn
         self._compiled = torch.compile(self._target, **compile_kwargs) if compiled else self._target
+        self._isa_recorded = not compiled  # after the first compiled call: lightfn/_isa.py
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -176,13 +178,17 @@ class Jitted:
                             torch._dynamo.maybe_mark_dynamic(x, 0)
         try:
             with compile_messages_quieted():
-                return self._compiled(*args, **kwargs)
+                out = self._compiled(*args, **kwargs)
         except LightfnError:
             raise
         except Exception as e:  # noqa: BLE001 - turned into an actionable message below
             if not _is_compile_failure(e):
                 raise
             raise _explain_failure(self.fn, e, args, kwargs) from e
+        if not self._isa_recorded:
+            self._isa_recorded = True
+            remember_isa_probe()
+        return out
 
 
 def _donating(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -299,6 +305,8 @@ def jit(
             mode = None
         if mode is None:
             opts["guard_filter_fn"] = torch.compiler.skip_guard_on_globals_unsafe
+    if compiled and backend == "inductor" and mode is None:
+        opts = {**isa_options(), **opts}  # skip inductor's per-cache-dir ISA test builds (lightfn/_isa.py)
     if mode is not None:
         kwargs["mode"] = mode
     if opts:
