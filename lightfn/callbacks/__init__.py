@@ -4,10 +4,11 @@ from .base import Callback, Context, Signal
 from .checkpoint import ModelCheckpoint
 from .progress import ProgressBar
 from .progress_log import ProgressLog
+from .ema import EMA
 from .early_stopping import EarlyStopping, MisconfigurationError
 from .lr_monitor import LearningRateMonitor
 from .nan import NonFiniteLossError, TerminateOnNaN
 from .timer import Timer
 from ..privacy.budget import PrivacyBudget
 
-__all__ = ["Callback", "Context", "Signal", "ModelCheckpoint", "ProgressBar", "ProgressLog", "EarlyStopping", "MisconfigurationError", "LearningRateMonitor", "TerminateOnNaN", "NonFiniteLossError", "Timer", "PrivacyBudget"]
+__all__ = ["Callback", "Context", "Signal", "ModelCheckpoint", "ProgressBar", "ProgressLog", "EarlyStopping", "MisconfigurationError", "LearningRateMonitor", "TerminateOnNaN", "NonFiniteLossError", "Timer", "PrivacyBudget", "EMA"]
