@@ -40,7 +40,7 @@ Unfreezing a backbone after ``n`` epochs: give the backbone its own learning rat
 the optimizer state (``lf.optim.inject_hyperparams``), 0 at first, and raise it when epoch
 ``n`` starts (the step stays the same compiled graph: only a state value changes)::
 
-    backbone = lf.optim.inject_hyperparams(lf.optim.adam)(learning_rate=0.0)
+    backbone = lf.optim.inject_hyperparams(lf.optim.adam)(lr=0.0)
     opt = lf.optim.multi_transform({"backbone": backbone, "head": lf.optim.adam(1e-3)},
                                    {"backbone": "backbone", "head": "head"})
 
@@ -53,7 +53,7 @@ the optimizer state (``lf.optim.inject_hyperparams``), 0 at first, and raise it 
                 return None
             def set_lr(path, x):  # the backbone's injected learning rate: a 0-d tensor
                 key = lf.tree.keystr(path)
-                return torch.full_like(x, self.lr) if "backbone" in key and "learning_rate" in key else x
+                return torch.full_like(x, self.lr) if "'backbone'" in key and key.endswith("['lr']") else x
             opt_state = lf.tree.map_with_path(set_lr, ctx.state.opt_state)
             return lf.callbacks.Signal(state=ctx.state.replace(opt_state=opt_state))
 """
