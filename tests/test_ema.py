@@ -33,7 +33,8 @@ def setup(seed=1):
 def run(callbacks, **kw):
     step, state, train, val = setup()
     kw.setdefault("max_epochs", 3)
-    return lf.fit(step, state, train, val_data=val, eval_step=lf.eval_step(loss_fn), jit=False, progress=False,
+    kw.setdefault("jit", False)
+    return lf.fit(step, state, train, val_data=val, eval_step=lf.eval_step(loss_fn), progress=False,
                   summary=False, callbacks=callbacks, **kw)
 
 
@@ -164,3 +165,20 @@ def test_the_docstring_unfreeze_pattern_trains_the_backbone_from_epoch_n():
     assert torch.equal(params.seen[6]["w1"], params.seen[0]["w1"])  # frozen through epoch 0
     assert not torch.equal(params.seen[7]["w1"], params.seen[6]["w1"])  # trains from epoch 1
     assert not torch.equal(params.seen[6]["w2"], params.seen[0]["w2"])
+
+
+@pytest.mark.compile
+def test_compiled_fit_validates_the_average_and_reports_batch_metrics():
+    class Batches(Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_validation_batch_end(self, ctx):
+            self.losses.append(float(ctx.batch_metrics["val/loss"]))
+
+    ema, batches, logger = EMA(0.8), Batches(), MemoryLogger()
+    state = run([ema, batches], loggers=[logger], jit=True, max_epochs=2, num_sanity_val_steps=0)
+    _, _, _, val = setup()
+    expected = lf.validate(lf.eval_step(loss_fn), state.replace(params=ema.params), val)["val/loss"]
+    assert logger.values("val/loss")[-1][1] == pytest.approx(expected, rel=1e-5)
+    assert len(batches.losses) == 4 and sum(batches.losses[-2:]) / 2 == pytest.approx(expected, rel=1e-5)
