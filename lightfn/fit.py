@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 
 from . import optim, tree
 from .callbacks.base import Callback, Context, Signal
+from .callbacks.guard import Versions, checked_state
 from .callbacks.checkpoint import ModelCheckpoint
 from .callbacks.lr_monitor import LearningRateMonitor
 from .callbacks.progress import ProgressBar
@@ -281,6 +283,7 @@ class _Loop:
                 if pos.batch and plan.validate_after_batch(pos) and pos.last_val_step != pos.step:
                     self.validate()  # resumed from a checkpoint written just before a due validation
                 while not self.finished():
+                    self.emit(lambda cb, ctx: cb.on_train_epoch_start(ctx))
                     for batch in self.batches():
                         self.state, self.acc, metrics = self.train_step(self.to_device(batch))
                         pos.batch, pos.step = pos.batch + 1, pos.step + 1
@@ -357,18 +360,24 @@ class _Loop:
 
     def validate(self, stage: str = "validate") -> None:
         counts = self.plan.sanity_batches if stage == "sanity" else self.plan.val_batches
+        eval_state = self.emit(lambda cb, ctx: cb.on_validation_start(ctx), stage=stage, eval_ok=True)
+        state = self.state if eval_state is None else eval_state
+        on_batch = None
+        if any(type(cb).on_validation_batch_end is not Callback.on_validation_batch_end for cb in self.callbacks):
+            def on_batch(metrics: Mapping[str, torch.Tensor]) -> None:
+                self.emit(lambda cb, ctx: cb.on_validation_batch_end(ctx), stage=stage, state=state, batch_metrics=metrics)
         values: dict[str, float] = {}
         for (name, data), n in zip(self.val_sets.items(), counts):
             if stage == "sanity" and n == 0:
                 continue  # this set's limit leaves no sanity batch; the others still run
-            values.update(evaluate(self.evaluate, self.state, iterate(data, 0), prefix=prefix("val", name), limit=n,
-                                   move=self.to_device, reduce=self.spread.sum, what=_set_what(name)))
+            values.update(evaluate(self.evaluate, state, iterate(data, 0), prefix=prefix("val", name), limit=n,
+                                   move=self.to_device, reduce=self.spread.sum, what=_set_what(name), on_batch=on_batch))
         if stage == "sanity":  # not logged; callbacks see it only in this hook
-            self.emit(lambda cb, ctx: cb.on_validation_end(ctx), stage=stage, extra=values)
+            self.emit(lambda cb, ctx: cb.on_validation_end(ctx), stage=stage, extra=values, state=state)
             return
         self.pos.last_val_step = self.pos.step
         self.log(values)
-        self.emit(lambda cb, ctx: cb.on_validation_end(ctx), stage=stage)
+        self.emit(lambda cb, ctx: cb.on_validation_end(ctx), stage=stage, state=state)
 
     def log_step(self, metrics: Mapping[str, torch.Tensor]) -> None:
         values = {f"train/{k}": v for k, v in self.spread.mean(metrics).items()}
@@ -386,18 +395,38 @@ class _Loop:
             for logger in self.loggers:
                 logger.log_metrics(host, self.pos.step)
 
-    def emit(self, hook: Callable[[Callback, Context], Signal | None], stage: str = "train", extra: Mapping[str, float] | None = None) -> None:
-        """Call ``hook`` on every callback, then act on their signals (saves after all ran)."""
-        ctx = self.context(stage, extra)
-        saves, deletes = [], []
-        for cb in self.callbacks:
+    def emit(self, hook: Callable[[Callback, Context], Signal | None], stage: str = "train",
+             extra: Mapping[str, float] | None = None, *, state: Any = None,
+             batch_metrics: Mapping[str, torch.Tensor] | None = None, eval_ok: bool = False) -> Any:
+        """Call ``hook`` on every callback in order, applying each one's signal before the
+        next runs (logged values and a new state are what later callbacks see); checkpoints
+        are written after all ran. ``state``: what ``ctx.state`` shows (default: the train
+        state). Returns the ``eval_state`` asked for (only allowed with ``eval_ok``), or None."""
+        saves, deletes, eval_state = [], [], None
+        ctx: Context | None = None
+        for i, cb in enumerate(self.callbacks):
+            if ctx is None:  # rebuilt only after a signal changed what it shows
+                ctx = self.context(stage, extra, state=state, batch_metrics=batch_metrics)
+                versions = Versions(ctx.state)
             signal = hook(cb, ctx)
+            who = f"callback {type(cb).__name__} (callbacks[{i}])"
+            versions.check(who)
             if signal is None:
                 continue
             if not isinstance(signal, Signal):
-                raise FitError(f"callback {type(cb).__name__} returned a {type(signal).__name__}; hooks return None or lf.callbacks.Signal")
+                raise FitError(f"{who} returned a {type(signal).__name__}; hooks return None or lf.callbacks.Signal")
+            if signal.metadata:
+                raise FitError(f"{who} returned Signal(metadata=...) outside on_save_checkpoint, where it has no checkpoint to go to")
+            if signal.eval_state is not None:
+                if not eval_ok:
+                    raise FitError(f"{who} returned Signal(eval_state=...) outside on_validation_start; to change the "
+                                   "training state return Signal(state=...)")
+                eval_state, ctx = checked_state(self.state, signal.eval_state, who, "eval_state"), None
             if signal.log:
                 self.log(dict(signal.log))
+                ctx = None
+            if signal.state is not None:
+                self.state, ctx = checked_state(self.state, signal.state, who), None
             if signal.stop:
                 self.pos.stop_requested, self.stop_reason = True, signal.reason or f"{type(cb).__name__} asked to stop"
             saves += signal.save
@@ -407,19 +436,42 @@ class _Loop:
         for path in deletes:
             if self.writes and path not in saves:
                 self.spread.delete(path)  # rank 0 only
+        return eval_state
 
-    def context(self, stage: str, extra: Mapping[str, float] | None = None) -> Context:
+    def context(self, stage: str, extra: Mapping[str, float] | None = None, *, state: Any = None,
+                batch_metrics: Mapping[str, torch.Tensor] | None = None) -> Context:
         pos = self.pos
-        return Context(state=self.state, step=pos.step, epoch=pos.epoch, batch_idx=pos.batch, stage=stage,
-                       metrics={**self.metrics, **(extra or {})}, is_main=self.main,
-                       elapsed=self.shared_elapsed())
+        return Context(state=self.state if state is None else state, step=pos.step, epoch=pos.epoch,
+                       batch_idx=pos.batch, stage=stage, metrics={**self.metrics, **(extra or {})}, is_main=self.main,
+                       elapsed=self.shared_elapsed(), loggers=tuple(self.loggers) if self.main else (),
+                       batch_metrics=dict(batch_metrics or {}))
 
     def save(self, path: str | os.PathLike[str], agreed: bool = True) -> None:
-        """Write a checkpoint; ``agreed``: every rank saves this path now (see Spread.save)."""
-        if self.writes:
-            names = self.train.acc_names
-            self.spread.save(path, pack(self.state, self.pos, self.acc, names, self.callbacks, data_seed(self.train_data),
-                                        self.elapsed(), self.metrics), metadata=self.metadata)
+        """Write a checkpoint; ``agreed``: every rank saves this path now (see Spread.save).
+        Each callback's ``on_save_checkpoint`` sees it first and may add metadata."""
+        if not self.writes:
+            return
+        names = self.train.acc_names
+        packed = pack(self.state, self.pos, self.acc, names, self.callbacks, data_seed(self.train_data),
+                      self.elapsed(), self.metrics)
+        metadata = dict(self.metadata)
+        view, ctx = types.MappingProxyType(packed), self.context("train")
+        versions = Versions(ctx.state)
+        for i, cb in enumerate(self.callbacks):
+            signal = cb.on_save_checkpoint(ctx, Path(path), view)
+            who = f"callback {type(cb).__name__} (callbacks[{i}])"
+            versions.check(who)
+            if signal is None:
+                continue
+            if not isinstance(signal, Signal) or (signal.stop or signal.log or signal.save or signal.delete
+                                                  or signal.state is not None or signal.eval_state is not None):
+                raise FitError(f"{who}.on_save_checkpoint returned {signal!r}; it may return None or "
+                               "Signal(metadata={...}) only (it runs while a checkpoint is written)")
+            clash = sorted(set(signal.metadata) & set(self.metadata))
+            if clash:
+                raise FitError(f"{who}.on_save_checkpoint added metadata {clash[0]!r}, which fit writes itself; rename it")
+            metadata.update(signal.metadata)
+        self.spread.save(path, packed, agreed=agreed, metadata=metadata)
 
     def preempt(self) -> Any:
         path = None if self.ckpt_dir is None or not self.writes else self.ckpt_dir / "last.safetensors"

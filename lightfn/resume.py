@@ -12,8 +12,9 @@ A fit checkpoint is one safetensors pytree (see :mod:`lightfn.checkpoint`) with
   (``acc``, see :mod:`lightfn.runner`) and their names (``metrics``, JSON), and the latest
   logged host values (``logged``, JSON: what callbacks see as ``ctx.metrics``, so e.g. a
   checkpoint name or an epoch-end check right after a resume sees the same values);
-- ``"callbacks"``: each callback's non-empty ``state_dict()`` as JSON, under its
-  ``state_key``;
+- ``"callbacks"``: each callback's non-empty ``state_dict()`` under its ``state_key``: a
+  JSON string, or, when the state holds tensors, ``{"json": <the other values as JSON>,
+  "tensors": {<name>: tensor or dict of tensors}}`` (tensors stored as tensors, bit-exact);
 - metadata (:func:`run_metadata`): ``{"written_by": "lightfn.fit"}`` plus ``"hparams"``
   when fit was given ``hparams=``, read back with ``lf.read_metadata(path)["hparams"]``.
 
@@ -109,7 +110,35 @@ def pack(
     }
     # Only callbacks with bookkeeping are stored (a progress bar has none to carry over).
     states = {cb.state_key: cb.state_dict() for cb in callbacks}
-    return {**_state_fields(state), "loop": loop, "callbacks": {k: json.dumps(v) for k, v in states.items() if v}}
+    return {**_state_fields(state), "loop": loop, "callbacks": {k: _encode(k, v) for k, v in states.items() if v}}
+
+
+def _is_tensors(x: Any) -> bool:
+    """A tensor, or a non-empty dict with string keys of such (what a callback state may hold)."""
+    if isinstance(x, torch.Tensor):
+        return True
+    return isinstance(x, dict) and bool(x) and all(isinstance(k, str) and _is_tensors(v) for k, v in x.items())
+
+
+def _encode(key: str, state: Mapping[str, Any]) -> Any:
+    """A callback state as stored: JSON, with its tensor values (if any) beside it."""
+    tensors = {k: v for k, v in state.items() if _is_tensors(v)}
+    try:
+        text = json.dumps({k: v for k, v in state.items() if k not in tensors})
+    except (TypeError, ValueError) as e:
+        raise FitError(
+            f"the state_dict() of callback {key!r} cannot be saved: {e}. Its values must be JSON-serializable, "
+            "or tensors (a tensor or a dict of tensors at the top level)"
+        ) from None
+    if not tensors:
+        return text
+    return {"json": text, "tensors": tree.map(lambda t: t.detach(), tensors)}
+
+
+def _decode(stored: Any) -> dict[str, Any]:
+    if isinstance(stored, str):
+        return json.loads(stored)
+    return {**json.loads(stored["json"]), **stored["tensors"]}
 
 
 def run_metadata(hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -163,7 +192,9 @@ def restore_run(
     device = tree.device_of(state)
     template = pack(state, Position(), None if acc is None else torch.zeros_like(acc, device=device), None, [], "", 0.0)
     template["loop"] = {**template["loop"], "data_seed": "", "metrics": "", "logged": ""}
-    template["callbacks"] = {k: "" for k in saved_cbs}
+    # A callback's tensors load onto the state's device; their shapes come from the file.
+    template["callbacks"] = tree.map(
+        lambda x: torch.empty_like(x, device=device) if isinstance(x, torch.Tensor) else "", saved_cbs)
     ckpt = load(path, like=template) if read is None else read(template)
     loop = ckpt["loop"]
     if loop["data_seed"] != seed:
@@ -174,7 +205,7 @@ def restore_run(
         )
     for cb in callbacks:
         if cb.state_key in ckpt["callbacks"]:
-            cb.load_state_dict(json.loads(ckpt["callbacks"][cb.state_key]))
+            cb.load_state_dict(_decode(ckpt["callbacks"][cb.state_key]))
     unused = set(ckpt["callbacks"]) - {cb.state_key for cb in callbacks}
     if unused:
         _log.warning("resume: %s holds state of callbacks not passed to this fit: %s", path, sorted(unused))

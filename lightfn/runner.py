@@ -229,7 +229,11 @@ def _train_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], stat
 
 
 class EvalRunner:
-    """``runner(state, acc, batch) -> acc``: one eval step plus accumulation, without gradients."""
+    """``runner(state, acc, batch) -> acc``: one eval step plus accumulation, without gradients.
+
+    :meth:`with_metrics` returns the batch's metrics too (the compiled graph outputs them:
+    no extra work), for fit's ``on_validation_batch_end``.
+    """
 
     def __init__(self, step: Callable[..., Any], *, compile: bool) -> None:
         self.step = step
@@ -238,6 +242,10 @@ class EvalRunner:
         self._compiled: Jitted | None = None
 
     def __call__(self, state: Any, acc: torch.Tensor | None, batch: Any) -> torch.Tensor:
+        return self.with_metrics(state, acc, batch)[0]
+
+    def with_metrics(self, state: Any, acc: torch.Tensor | None, batch: Any) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+        """``(acc, metrics)``: the updated accumulator and this batch's metrics (device tensors)."""
         with torch.no_grad():
             if self.names is None:
                 return self._first(state, acc, batch)
@@ -245,10 +253,11 @@ class EvalRunner:
                 acc = _check_acc(None, self.names, None, tree.device_of(state))
             if self._compiled is not None:
                 return self._compiled(state, acc, batch)
-            acc.add_(_vector(self.step(state, batch), self.names, acc), alpha=batch_size(batch))
-            return acc
+            metrics = self.step(state, batch)
+            acc.add_(_vector(metrics, self.names, acc), alpha=batch_size(batch))
+            return acc, metrics
 
-    def _first(self, state: Any, acc: torch.Tensor | None, batch: Any) -> torch.Tensor:
+    def _first(self, state: Any, acc: torch.Tensor | None, batch: Any) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
         if self.fused:
             self.names = check_metrics(abstract_eval(self.step, state, batch), "eval step")
             self._compiled = jit(functools.partial(_eval_and_accumulate, self.step, self.names))
@@ -257,11 +266,13 @@ class EvalRunner:
         self.names = check_metrics(metrics, "eval step")
         acc = _check_acc(acc, self.names, None, tree.device_of(state))
         acc.add_(_vector(metrics, self.names, acc), alpha=batch_size(batch))
-        return acc
+        return acc, metrics
 
 
-def _eval_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: torch.Tensor, batch: Any) -> torch.Tensor:
-    return accumulate(acc, step(state, batch), names, batch_size(batch))
+def _eval_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: torch.Tensor,
+                         batch: Any) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    metrics = step(state, batch)
+    return accumulate(acc, metrics, names, batch_size(batch)), metrics
 
 
 def evaluate(
@@ -274,16 +285,22 @@ def evaluate(
     move: Callable[[Any], Any] = lambda batch: batch,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda acc: acc,
     what: str = "val_data",
+    on_batch: Callable[[Mapping[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, float]:
     """One evaluation pass: ``{prefix + name: mean}`` over ``batches`` (at most ``limit``).
 
     Each mean is weighted by rows (the batch size), so a short last batch counts for what
     it holds. ``move`` puts a batch on the device, ``reduce`` sums the accumulator over
     ranks. fit's validation and ``lf.validate`` / ``lf.test`` are this same pass.
+    ``on_batch`` gets each batch's metrics as ``{prefix + name: 0-d device tensor}``.
     """
     acc = None
     for batch in batches if limit is None else itertools.islice(batches, limit):
-        acc = runner(state, acc, move(batch))
+        if on_batch is None:
+            acc = runner(state, acc, move(batch))
+            continue
+        acc, metrics = runner.with_metrics(state, acc, move(batch))
+        on_batch({f"{prefix}{k}": metrics[k] for k in runner.names or ()})
     if acc is None:
         raise FitError(f"{what} yielded no batches (an empty dataset, or a batch size larger than the data?)")
     return to_host({f"{prefix}{k}": v for k, v in means(reduce(acc), runner.names).items()})

@@ -532,3 +532,232 @@ def test_fit_timer_stops_the_run():
     out = fit(step, state, batches, max_epochs=5, jit=False, progress=False, callbacks=[timer])
     assert int(out.step) == 1
     assert timer.time_elapsed() > 0 and timer.state_dict()["time_elapsed"] == timer.time_elapsed()
+
+
+# ---------------------------------------------------------------- callbacks that log and act (in fit)
+
+from pathlib import Path  # noqa: E402
+
+from lightfn.callbacks import Callback, ModelCheckpoint, Signal  # noqa: E402
+from lightfn.errors import FitError  # noqa: E402
+from memory_logger import MemoryLogger  # noqa: E402
+
+
+def _problem(n=40):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 3.0, 0.5]) + 0.1
+    return x, y
+
+
+def _loss(p, batch):
+    x, y = batch
+    err = x @ p["w"] + p["b"] - y
+    return (err**2).mean(), {"mae": err.abs().mean()}
+
+
+def _setup():
+    x, y = _problem()
+    opt = lf.optim.sgd(0.05)
+    state = lf.TrainState.create(params={"w": torch.zeros(4), "b": torch.zeros(())}, optimizer=opt)
+    train = lf.data.ArrayLoader((x, y), batch_size=8, shuffle=False)
+    val = lf.data.ArrayLoader((x[:16], y[:16]), batch_size=4, shuffle=False)
+    return lf.train_step(_loss, opt), state, train, val
+
+
+def _fit(callbacks, **kw):
+    step, state, train, val = _setup()
+    kw.setdefault("max_epochs", 2)
+    return lf.fit(step, state, train, val_data=val, eval_step=lf.eval_step(_loss), jit=False, progress=False,
+                  summary=False, callbacks=callbacks, **kw)
+
+
+class F1(Callback):
+    """Logs a metric of its own after each validation (like a user's F1 score)."""
+
+    def on_validation_end(self, ctx):
+        if ctx.stage == "validate":
+            return Signal(log={"val/f1": 1.0 / (1.0 + ctx.metrics["val/loss"])})
+
+
+def test_a_metric_a_callback_logs_is_monitored_by_the_callbacks_after_it(tmp_path):
+    es = EarlyStopping(monitor="val/f1", mode="max", patience=5)
+    ckpt = ModelCheckpoint(tmp_path, filename="{epoch}-{val_f1:.4f}", monitor="val/f1", mode="max", save_last=False)
+    logger = MemoryLogger()
+    _fit([F1(), es, ckpt], loggers=[logger])
+    f1 = [v for _, v in logger.values("val/f1")]
+    losses = [v for _, v in logger.values("val/loss")]
+    assert len(f1) == 2 and f1 == [1.0 / (1.0 + v) for v in losses]
+    assert es.best_score == max(f1)
+    assert ckpt.best_model_score == max(f1) and Path(ckpt.best_model_path).name == f"1-{max(f1):.4f}.safetensors"
+    # in list order: a monitor placed before the callback that logs the value does not see it yet
+    with pytest.raises(MisconfigurationError, match="val/f1"):
+        _fit([EarlyStopping(monitor="val/f1", mode="max"), F1()])
+
+
+class Zeroes(Callback):
+    """Replaces the params with zeros after step ``at`` (keeping a copy of what it returned)."""
+
+    def __init__(self, at):
+        self.at, self.returned = at, None
+
+    def on_train_batch_end(self, ctx):
+        if ctx.step == self.at:
+            new = ctx.state.replace(params=lf.tree.map(torch.zeros_like, ctx.state.params))
+            self.returned = lf.tree.map(torch.clone, new)
+            return Signal(state=new)
+
+
+class Snapshots(Callback):
+    def __init__(self):
+        self.states = {}
+
+    def on_train_batch_end(self, ctx):
+        self.states[ctx.step] = lf.tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, ctx.state)
+
+
+def _equal(a, b):
+    la, lb = lf.tree.leaves(a), lf.tree.leaves(b)
+    return len(la) == len(lb) and all(torch.equal(x, y) for x, y in zip(la, lb))
+
+
+def test_a_returned_state_is_seen_by_later_callbacks_and_training_continues_from_it():
+    zero, snaps = Zeroes(at=2), Snapshots()
+    final = _fit([zero, snaps], max_epochs=1)
+    assert _equal(snaps.states[2], zero.returned)  # the next callback in the same hook sees it
+    step, _, train, _ = _setup()
+    third = list(lf.data.iterate(train, 0))[2]
+    expected, _ = step(zero.returned, third)  # step 3 ran on the returned state
+    assert _equal(snaps.states[3], expected)
+    assert not torch.equal(final.params["w"], torch.zeros(4))
+
+
+def test_a_returned_state_of_another_structure_is_refused_naming_the_callback_and_path():
+    class Bad(Callback):
+        def on_train_batch_end(self, ctx):
+            return Signal(state=ctx.state.replace(params={**ctx.state.params, "w": torch.zeros(5)}))
+
+    with pytest.raises(FitError) as info:
+        _fit([F1(), Bad()])
+    msg = str(info.value)
+    assert "Bad (callbacks[1])" in msg and "['w']" in msg and "(5,)" in msg and "(4,)" in msg
+
+    class Wider(Callback):
+        def on_train_batch_end(self, ctx):
+            return Signal(state=ctx.state.replace(params={**ctx.state.params, "extra": torch.zeros(1)}))
+
+    with pytest.raises(FitError, match=r"(?s)extra.*Wider"):
+        _fit([Wider()])
+
+
+def test_changing_ctx_state_in_place_is_refused_naming_the_callback_and_path():
+    class Mutate(Callback):
+        def on_train_batch_end(self, ctx):
+            ctx.state.params["b"].add_(1.0)
+
+    with pytest.raises(FitError, match=r"Mutate \(callbacks\[0\]\) changed the state tensor at \['params'\]\['b'\] in place.*Signal\(state="):
+        _fit([Mutate()])
+
+
+def test_eval_state_is_refused_outside_on_validation_start():
+    class Wrong(Callback):
+        def on_epoch_end(self, ctx):
+            return Signal(eval_state=ctx.state)
+
+    with pytest.raises(FitError, match="eval_state=.*outside on_validation_start"):
+        _fit([Wrong()])
+
+
+class Hooks(Callback):
+    def __init__(self):
+        self.events, self.batches, self.loggers = [], [], None
+
+    def on_train_epoch_start(self, ctx):
+        self.events.append(("epoch_start", ctx.epoch, ctx.step))
+        self.loggers = ctx.loggers
+
+    def on_validation_start(self, ctx):
+        self.events.append(("val_start", ctx.stage, ctx.step))
+
+    def on_validation_batch_end(self, ctx):
+        self.batches.append((ctx.stage, {k: float(v) for k, v in ctx.batch_metrics.items()}))
+
+    def on_validation_end(self, ctx):
+        self.events.append(("val_end", ctx.stage, ctx.step))
+
+    def on_epoch_end(self, ctx):
+        self.events.append(("epoch_end", ctx.epoch, ctx.step))
+
+
+def test_epoch_start_validation_batch_hooks_and_loggers():
+    hooks, logger = Hooks(), MemoryLogger()
+    state = _fit([hooks], loggers=[logger], num_sanity_val_steps=1)
+    assert hooks.events == [("val_start", "sanity", 0), ("val_end", "sanity", 0),
+                            ("epoch_start", 0, 0), ("val_start", "validate", 5), ("val_end", "validate", 5),
+                            ("epoch_end", 0, 5),
+                            ("epoch_start", 1, 5), ("val_start", "validate", 10), ("val_end", "validate", 10),
+                            ("epoch_end", 1, 10)]
+    assert list(hooks.loggers) == [logger]
+    assert [s for s, _ in hooks.batches] == ["sanity"] + ["validate"] * 8
+    # the batch metrics are each batch's own values: their mean (equal batch sizes) is val/loss
+    last = [m for _, m in hooks.batches[-4:]]
+    assert set(last[0]) == {"val/loss", "val/mae"}
+    x, y = _problem()
+    expected = [float(_loss(state.params, (x[i:i + 4], y[i:i + 4]))[0]) for i in range(0, 16, 4)]
+    assert [m["val/loss"] for m in last] == pytest.approx(expected, rel=1e-6)
+    assert sum(m["val/loss"] for m in last) / 4 == pytest.approx(logger.values("val/loss")[-1][1], rel=1e-6)
+
+
+class Counter(Callback):
+    """Bookkeeping that must survive a resume: numbers (inf and non-round floats) and a tensor."""
+
+    def __init__(self):
+        self.n, self.total, self.best, self.hist = 0, 0.0, math.inf, torch.zeros(3, dtype=torch.float64)
+
+    def on_train_batch_end(self, ctx):
+        self.n += 1
+        self.total += 0.1 * ctx.step
+        self.hist[ctx.step % 3] += 1.0 / 3.0
+
+    def state_dict(self):
+        return {"n": self.n, "total": self.total, "best": self.best, "hist": self.hist, "nested": {"h": self.hist * 2}}
+
+    def load_state_dict(self, state):
+        self.n, self.total, self.best, self.hist = state["n"], state["total"], state["best"], state["hist"]
+        self.nested = state["nested"]
+
+
+class SaveHook(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_save_checkpoint(self, ctx, path, checkpoint):
+        self.seen.append((path.name, sorted(checkpoint), sorted(checkpoint["callbacks"])))
+        return Signal(metadata={"note": f"step {ctx.step}"})
+
+
+def test_callback_state_with_tensors_is_checkpointed_and_resumed_exactly(tmp_path):
+    counter, hook = Counter(), SaveHook()
+    _fit([counter, hook, ModelCheckpoint(tmp_path, filename="{step}", every_n_steps=3, save_top_k=-1)], max_epochs=1)
+    assert hook.seen[0][0] == "3.safetensors" and "params" in hook.seen[0][1] and "loop" in hook.seen[0][1]
+    assert "Counter" in hook.seen[0][2]
+    assert lf.read_metadata(tmp_path / "3.safetensors")["metadata"]["note"] == "step 3"
+    # a fresh Counter resumed at step 3 holds exactly what the first one held then
+    resumed = Counter()
+    _fit([resumed, ModelCheckpoint(tmp_path / "r", every_n_steps=100)], max_epochs=1, max_steps=3,
+         resume_from=tmp_path / "3.safetensors")
+    ref = Counter()
+    for s in (1, 2, 3):
+        ref.on_train_batch_end(ctx(step=s))
+    assert (resumed.n, resumed.total, resumed.best) == (ref.n, ref.total, ref.best) == (3, 0.1 + 0.2 + 0.30000000000000004, math.inf)
+    assert resumed.hist.dtype == torch.float64 and torch.equal(resumed.hist, ref.hist)
+    assert torch.equal(resumed.nested["h"], ref.hist * 2)
+
+
+def test_on_save_checkpoint_may_only_add_metadata(tmp_path):
+    class Stopper(Callback):
+        def on_save_checkpoint(self, ctx, path, checkpoint):
+            return Signal(stop=True)
+
+    with pytest.raises(FitError, match="Signal\\(metadata="):
+        _fit([Stopper(), ModelCheckpoint(tmp_path)], max_epochs=1)

@@ -1,21 +1,38 @@
 """The callback protocol: callbacks observe the loop and return signals.
 
 A callback gets a read-only :class:`Context` at fixed points of ``lf.fit`` and may return
-a :class:`Signal` asking the loop to stop, to log extra values, or to write or delete
-checkpoints. It never reaches into the loop: everything it may change goes through the
-signal, and ``fit`` decides (e.g. a stop request is deferred until ``min_epochs``).
+a :class:`Signal` asking the loop to stop, to log extra values, to write or delete
+checkpoints, or to continue from another state. It never reaches into the loop:
+everything it may change goes through the signal, and ``fit`` decides (e.g. a stop request
+is deferred until ``min_epochs``).
 
 Hook order (each hook calls the callbacks in list order)::
 
     on_fit_start
-    [sanity validation: on_validation_end with stage="sanity"]
+    [sanity validation: on_validation_start, on_validation_batch_end per batch,
+                        on_validation_end, all with stage="sanity"]
     for each epoch:
+        on_train_epoch_start        (also for the epoch a resumed run continues)
         for each batch: step -> on_train_batch_end
-            [every val_check_interval steps: validation -> on_validation_end]
-        [every check_val_every_n_epoch epochs: validation -> on_validation_end]
+            [every val_check_interval steps: validation (the hooks above, stage="validate")]
+        [every check_val_every_n_epoch epochs: validation]
         on_epoch_end
     on_fit_end                      (on_exception instead, when the loop raises; a SIGTERM
                                      too: fit writes last.safetensors, then raises Preempted)
+    on_save_checkpoint              (whenever fit writes a checkpoint, just before writing)
+
+Within one hook, what a callback returns is applied before the next callback runs: a
+value it logs (``Signal(log=...)``) is in the next callbacks' ``ctx.metrics`` (so an
+``EarlyStopping`` listed after it may monitor it), and a state it returns
+(``Signal(state=...)``) is their ``ctx.state`` and the state training continues from.
+Checkpoints a hook's signals ask for are written after every callback of that hook ran.
+
+``ctx.state`` is the state as of the hook, never a copy (copying a model every step would
+cost as much as the step): its tensors are the loop's own, and a compiled step overwrites
+them in place at the next step (clone what you keep, as ``EMA`` does). Changing them in
+place is refused: fit compares the tensors' version counters before and after each
+callback (a few host integer reads, no device work) and raises a ``FitError`` naming the
+callback and the tensor's path. To change the state, return ``Signal(state=new_state)``.
 
 >>> import lightfn as lf
 >>> class StopAt(lf.callbacks.Callback):
@@ -29,8 +46,10 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import torch
 
 __all__ = ["Context", "Signal", "Callback"]
 
@@ -40,7 +59,10 @@ class Context:
     """What a callback may observe.
 
     Attributes:
-        state: the current TrainState (device tensors; read, never mutate).
+        state: the current TrainState as of the hook (the loop's own device tensors: read
+            them, clone what you keep, never change them in place; return
+            ``Signal(state=...)`` instead). During validation hooks: the state validated
+            (another one when a callback asked for it with ``Signal(eval_state=...)``).
         step: train steps taken so far in the run, i.e. calls of the step function, one
             per batch (a host int kept by fit; no device sync). With
             ``accumulate_grad_batches=k`` the optimizer updates once every k steps; fit's
@@ -55,6 +77,11 @@ class Context:
             (a standalone evaluation: not part of any run, so fit's callbacks ignore it).
         is_main: True on the process that logs and writes files (rank 0).
         elapsed: seconds since fit started.
+        loggers: fit's loggers (``lf.loggers.Logger``), e.g. to log an image or text a
+            logger supports; empty on ranks other than 0 and with ``fast_dev_run``.
+        batch_metrics: in ``on_validation_batch_end``: that batch's metrics as named in the
+            log (``"val/loss"``...), 0-d device tensors (reading one with ``float()``
+            waits for the device; on several ranks: this rank's batch). Empty elsewhere.
     """
 
     state: Any
@@ -65,6 +92,8 @@ class Context:
     stage: str = "train"
     is_main: bool = True
     elapsed: float = 0.0
+    loggers: Sequence[Any] = ()
+    batch_metrics: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +108,17 @@ class Signal:
         save: paths where fit writes a full loop checkpoint (state, loop position,
             callback states), atomically.
         delete: checkpoint paths fit removes (e.g. one that fell out of the top k).
+        state: a new state to continue from (e.g. ``ctx.state.replace(params=...)`` to
+            average weights or reset an optimizer state), or ``None`` for no change. It must
+            have the current state's tree structure, shapes and dtypes (a compiled step is
+            built for those); fit refuses anything else naming the callback and the first
+            differing path. Honoured in every hook but ``on_save_checkpoint`` and
+            ``on_exception``.
+        eval_state: only from ``on_validation_start``: the state this validation run
+            evaluates (e.g. one with averaged params); training continues from its own
+            state. Checked like ``state``.
+        metadata: only from ``on_save_checkpoint``: JSON values added to the metadata of
+            the checkpoint being written (read back as ``lf.read_metadata(path)["metadata"]``).
     """
 
     stop: bool = False
@@ -86,14 +126,20 @@ class Signal:
     log: Mapping[str, float] = dataclasses.field(default_factory=dict)
     save: tuple[pathlib.Path, ...] = ()
     delete: tuple[pathlib.Path, ...] = ()
+    state: Any = None
+    eval_state: Any = None
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Callback:
     """Base class: override the hooks you need; each returns ``None`` or a :class:`Signal`.
 
-    A callback with bookkeeping that must survive a resume (best scores, counters)
-    returns it from :meth:`state_dict` (JSON-serializable values only) and restores it in
-    :meth:`load_state_dict`; fit stores it in the checkpoint under :attr:`state_key`.
+    A callback with bookkeeping that must survive a resume (best scores, counters,
+    averaged weights) returns it from :meth:`state_dict` and restores it in
+    :meth:`load_state_dict`; fit stores it in every checkpoint under :attr:`state_key`.
+    Its values are JSON-serializable values, or tensors: a tensor, or a dict with string
+    keys of tensors (nested), at the top level of the dict. Tensors are stored as tensors
+    (bit-exact), and come back on the state's device.
     """
 
     @property
@@ -104,7 +150,17 @@ class Callback:
     def on_fit_start(self, ctx: Context) -> Signal | None:
         return None
 
+    def on_train_epoch_start(self, ctx: Context) -> Signal | None:
+        return None
+
     def on_train_batch_end(self, ctx: Context) -> Signal | None:
+        return None
+
+    def on_validation_start(self, ctx: Context) -> Signal | None:
+        return None
+
+    def on_validation_batch_end(self, ctx: Context) -> Signal | None:
+        """After each validation batch; ``ctx.batch_metrics`` holds that batch's metrics."""
         return None
 
     def on_validation_end(self, ctx: Context) -> Signal | None:
@@ -117,6 +173,13 @@ class Callback:
         return None
 
     def on_exception(self, ctx: Context, error: BaseException) -> Signal | None:
+        return None
+
+    def on_save_checkpoint(self, ctx: Context, path: pathlib.Path, checkpoint: Mapping[str, Any]) -> Signal | None:
+        """Fit is about to write ``checkpoint`` (the pytree :mod:`lightfn.resume` describes:
+        state fields, ``"loop"``, ``"callbacks"`` with every callback's state) to ``path``.
+        Read it, don't change it; return ``Signal(metadata={...})`` to add JSON metadata.
+        What resume needs belongs in :meth:`state_dict`, which is already in it."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
