@@ -112,7 +112,10 @@ def fit(
             means over each validation run, weighted by rows: ``val/<name>``.
         max_epochs: stop after this many epochs (default 1000 when ``max_steps`` is not
             given either, like Lightning; -1: no limit).
-        max_steps: stop after this many steps (-1 or None: no limit).
+        max_steps: stop after this many steps (-1 or None: no limit). A stop inside an
+            epoch still closes it (its means, validation, ``on_epoch_end``), but its
+            checkpoints keep the position inside it: resumed with a larger ``max_steps``,
+            the run trains the rest of that epoch, bit-identical to a run never stopped.
         max_time: stop once this much training time is spent (seconds, a ``timedelta``,
             a dict like ``dict(hours=1)`` or ``"DD:HH:MM:SS"``; a resumed run counts the
             time before the checkpoint).
@@ -281,6 +284,7 @@ class _Loop:
                 if pos.batch and plan.validate_after_batch(pos) and pos.last_val_step != pos.step:
                     self.validate()  # resumed from a checkpoint written just before a due validation
                 while not self.finished():
+                    cut = False  # the epoch stopped before its last batch (max_steps, max_time, a stop)
                     for batch in self.batches():
                         self.state, self.acc, metrics = self.train_step(self.to_device(batch))
                         pos.batch, pos.step = pos.batch + 1, pos.step + 1
@@ -294,8 +298,9 @@ class _Loop:
                         if sigterm:
                             return self.preempt()
                         if stop:
+                            cut = not plan.epoch_full(pos)
                             break
-                    self.end_epoch()
+                    self.end_epoch(cut)
                 self.emit(lambda cb, ctx: cb.on_fit_end(ctx))
             except BaseException as error:  # a Preempted included: training did not end
                 self.on_exception(error)
@@ -340,7 +345,15 @@ class _Loop:
         self.say(f"train step compiled in {time.monotonic() - start:.1f} s")
         return out
 
-    def end_epoch(self) -> None:
+    def end_epoch(self, cut: bool = False) -> None:
+        """Log the epoch's means, validate if due and call ``on_epoch_end``.
+
+        ``cut``: training stops before the epoch's last batch. The epoch is closed as
+        Lightning closes it (means of the batches done, validation, epoch-end hooks and
+        checkpoints), but the position stays inside it and its sums are kept, so a run
+        resumed from such a checkpoint with a larger ``max_steps`` / ``max_time`` trains
+        the rest of the epoch: the same bits as a run never stopped.
+        """
         pos = self.pos
         if self.acc is None or (pos.batch == 0 and not pos.epoch_done):
             raise FitError(
@@ -350,8 +363,10 @@ class _Loop:
         self.log({f"train/{k}_epoch": v for k, v in means(self.spread.sum(self.acc), self.train.acc_names).items()})
         if self.evaluate is not None and self.plan.validate_at_epoch_end(pos):
             self.validate()
-        pos.epoch_done = True
+        pos.epoch_done = not cut
         self.emit(lambda cb, ctx: cb.on_epoch_end(ctx))
+        if cut:
+            return  # the run ends here; the position and sums stay mid-epoch
         pos.epoch, pos.batch, pos.epoch_done = pos.epoch + 1, 0, False
         self.acc = torch.zeros_like(self.acc)
 
