@@ -19,6 +19,9 @@ add up exactly over batches and over ranks. So a step may return such a state, m
   is refused. The same function serves training and validation (each gets the totals of
   its own step's Sum entries).
 
+A state's shape must not depend on the data when the step is compiled (``torch.bincount``
+does: build counts from comparisons with ``torch.arange`` as below).
+
 A Sum entry is not logged per step (``train/<name>``): a state is not a value, and one
 batch's F1 is not what anyone monitors. Totals accumulate on the device inside the step's
 compiled graph (no host sync), in the state's dtype, widened where summing needs it
@@ -33,8 +36,9 @@ Perplexity and macro F1::
         x, y = batch
         logits = apply(params, x)
         nll = F.cross_entropy(logits, y, reduction="none")
-        k = logits.shape[-1]
-        confusion = torch.bincount(y * k + logits.argmax(-1), minlength=k * k).reshape(k, k)
+        classes = torch.arange(logits.shape[-1], device=y.device)
+        hit_y, hit_pred = y[:, None] == classes, logits.argmax(-1)[:, None] == classes
+        confusion = (hit_y[:, :, None] & hit_pred[:, None, :]).sum(0)   # (k, k) int64 counts
         return nll.mean(), {"ppl": lf.metrics.Sum({"nll": nll.sum(), "n": torch.tensor(nll.numel())}),
                             "confusion": lf.metrics.Sum(confusion)}
 
