@@ -82,7 +82,7 @@ def _unpack_state(like: Any, saved: Mapping[str, Any]) -> Any:
 def pack(
     state: Any,
     pos: Position,
-    acc: dict[str, Any] | None,
+    acc: dict[str, Any] | torch.Tensor | None,
     names: Sequence[str] | None,
     callbacks: Sequence[Callback],
     seed: str,
@@ -91,9 +91,14 @@ def pack(
 ) -> dict[str, Any]:
     """The whole loop as one pytree (layout in the module docstring).
 
+    ``acc``: the runner's accumulator ``{"mean": sums, "sum": {name: total}}`` (or the
+    means' vector alone), ``None`` before the first step.
+
     At an epoch's end (``pos.epoch_done``) the position is the start of the next epoch, so
     a resumed run does not process that epoch's end twice.
     """
+    if isinstance(acc, torch.Tensor):  # the means' vector alone: no Sum states
+        acc = {"mean": acc, "sum": {}}
     epoch, batch = (pos.epoch + 1, 0) if pos.epoch_done else (pos.epoch, pos.batch)
     if acc is not None and pos.epoch_done:
         acc = tree.map(torch.zeros_like, acc)
