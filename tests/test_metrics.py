@@ -195,6 +195,21 @@ def test_mistakes_are_named():
         lf.validate(lf.eval_step(lambda p, b: (matrix_fn(p, b)[0], {"bad": lf.metrics.Sum({"n": 1.0})})), state(), loader(x, y))
 
 
+def test_a_dp_step_sums_the_states_of_its_real_rows():
+    # DP-SGD runs loss_fn row by row: a Sum state is summed over the rows (padding rows out),
+    # the averaged metrics stay row means
+    x, y = data()
+    opt = lf.optim.sgd(0.1)
+    step = lf.privacy.dp_train_step(loss_fn, opt, l2_norm_clip=1.0, noise_multiplier=0.0)
+    keep = torch.tensor([True, False, True, True, False, True, True, True])
+    _, m = step(state(opt), lf.data.MaskedBatch(data=(x[:B], y[:B]), mask=keep))
+    s = state(opt)
+    logits = x[:B][keep] @ s.params["w"] + s.params["b"]
+    assert torch.equal(m["confusion"].value, confusion(y[:B][keep], logits.argmax(-1)))
+    assert int(m["ppl"].value["tokens"]) == int((x[:B][keep][:, 2] > 0).sum())
+    assert float(m["acc"]) == pytest.approx(float((logits.argmax(-1) == y[:B][keep]).float().mean()))
+
+
 def test_sum_in_buckets_sums_every_leaf_over_ranks_in_its_own_dtype():
     # two simulated ranks: rank 1's flat buckets are recorded, then added into rank 0's
     big = 2**40 + 1  # beyond float32 (and float64 of a float32 bucket) precision: int64 must stay int64
