@@ -77,7 +77,7 @@ from . import tree
 from ._diagnostics import describe
 from .errors import FitError, StepError
 
-__all__ = ["Sum", "ComputeFn", "split", "check_states", "zeros", "add", "add_", "values"]
+__all__ = ["Sum", "ComputeFn"]  # the rest: helpers for the runner and the steps
 
 ComputeFn = Callable[[dict[str, Any]], Mapping[str, Any]]
 
