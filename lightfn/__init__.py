@@ -7,7 +7,7 @@ safetensors. See README.md for the quickstart and the Lightning -> lightfn table
 
 from __future__ import annotations
 
-from . import callbacks, data, distributed, loggers, optim, privacy, random, tree
+from . import callbacks, data, distributed, loggers, metrics, optim, privacy, random, tree
 from .errors import CheckpointError, CompileError, DistributedError, ExportError, LightfnError, StepError, TreeError
 from .checkpoint import load, read_metadata, save
 from .ensemble import ensemble
@@ -34,6 +34,7 @@ __all__ = [
     "data",
     "callbacks",
     "loggers",
+    "metrics",
     "distributed",
     "privacy",
     # models and transforms

@@ -31,6 +31,7 @@ from .errors import FitError
 from .eval_sets import named_sets, prefix
 from .loggers.base import Logger
 from .loop import batch_dtype, move_batch, resolve_device
+from .metrics import ComputeFn
 from .runner import EvalRunner, evaluate
 from .state import TrainState
 
@@ -49,6 +50,7 @@ def validate(
     device: torch.device | str | None = None,
     jit: bool = False,
     progress: bool | None = None,
+    compute_metrics: ComputeFn | None = None,
 ) -> dict[str, float]:
     """Run ``eval_step`` over ``data`` on ``state``; return ``{"val/<name>": mean}``.
 
@@ -69,8 +71,11 @@ def validate(
             Batches are moved to it.
         jit: compile the eval step with the accumulation (``lf.jit``), as fit does.
         progress: a tqdm bar over the batches: ``None`` when stdout is a terminal.
+        compute_metrics: ``fn({name: total}) -> {name: scalar}`` for the states the eval
+            step returns as ``lf.metrics.Sum(...)`` (summed over all of ``data``): F1,
+            perplexity...; returned as ``val/<name>``, as fit's (:mod:`lightfn.metrics`).
     """
-    return _run("val", "eval", eval_step, state, data, loggers, callbacks, device, jit, progress)
+    return _run("val", "eval", eval_step, state, data, loggers, callbacks, device, jit, progress, compute_metrics)
 
 
 def test(
@@ -83,6 +88,7 @@ def test(
     device: torch.device | str | None = None,
     jit: bool = False,
     progress: bool | None = None,
+    compute_metrics: ComputeFn | None = None,
 ) -> dict[str, float]:
     """:func:`validate` for a test set: returns ``{"test/<name>": mean}``; callbacks see
     ``ctx.stage == "test"``.
@@ -90,14 +96,15 @@ def test(
     ``lf.test(evaluate, lf.load(ckpt.best_model_path, like=state), test_data)`` scores the
     best checkpoint a ``ModelCheckpoint`` kept.
     """
-    return _run("test", "test", eval_step, state, data, loggers, callbacks, device, jit, progress)
+    return _run("test", "test", eval_step, state, data, loggers, callbacks, device, jit, progress, compute_metrics)
 
 
 test.__test__ = False  # type: ignore[attr-defined]  # a library function, not a pytest test when imported by name
 
 
 def _run(metric: str, stage: str, eval_step: EvalStepFn, state: Any, data: Any, loggers: Sequence[Logger],
-         callbacks: Sequence[Callback], device: torch.device | str | None, jit: bool, progress: bool | None) -> dict[str, float]:
+         callbacks: Sequence[Callback], device: torch.device | str | None, jit: bool, progress: bool | None,
+         compute_metrics: ComputeFn | None) -> dict[str, float]:
     t0 = time.monotonic()
     if not callable(eval_step):
         raise FitError(f"eval_step must be a function (state, batch) -> metrics, e.g. lf.eval_step(loss_fn); got {type(eval_step).__name__}")
@@ -109,7 +116,7 @@ def _run(metric: str, stage: str, eval_step: EvalStepFn, state: Any, data: Any, 
         target = resolve_device(device)
         state = tree.to_device(state, target)
     dtype = batch_dtype(eval_step)
-    runner = EvalRunner(eval_step, compile=jit)  # one for every set: the step is traced once
+    runner = EvalRunner(eval_step, compile=jit, compute_metrics=compute_metrics)  # one for every set: the step is traced once
     show = sys.stdout.isatty() if progress is None else progress
     values: dict[str, float] = {}
     for name, loader in named_sets(data, "data").items():

@@ -41,7 +41,8 @@ from .loggers.base import Logger
 from .loop import (FitError, Plan, Position, batch_dtype, configure_steps, first_batches, make_plan, move_batch,
                    positive, preemption_signal, resolve_device)
 from .resume import data_seed, pack, run_metadata
-from .runner import EvalRunner, TrainRunner, evaluate, means, to_host
+from .metrics import ComputeFn
+from .runner import EvalRunner, TrainRunner, evaluate, to_host, zeros_like
 from .state import TrainState
 from .summary import summary as model_summary
 from .distributed.strategy import Spread, Strategy, setup_strategy
@@ -58,6 +59,7 @@ def fit(
     *,
     val_data: Any = None,
     eval_step: Callable[[Any, Any], Mapping[str, torch.Tensor]] | None = None,
+    compute_metrics: ComputeFn | None = None,
     max_epochs: int | None = None,
     max_steps: int | None = None,
     max_time: Any = None,
@@ -112,9 +114,17 @@ def fit(
             per set.
         eval_step: ``(state, batch) -> metrics``, e.g. ``lf.eval_step(loss_fn)``; logged as
             means over each validation run, weighted by rows: ``val/<name>``.
+        compute_metrics: ``fn({name: total}) -> {name: scalar}``: the epoch-level values
+            (F1, perplexity...) of the metric states a step returns as
+            ``lf.metrics.Sum(...)``, summed over the epoch's batches and the ranks; logged
+            as ``val/<name>`` after validation and ``train/<name>_epoch`` at an epoch's end,
+            and monitorable. See :mod:`lightfn.metrics`.
         max_epochs: stop after this many epochs (default 1000 when ``max_steps`` is not
             given either, like Lightning; -1: no limit).
-        max_steps: stop after this many steps (-1 or None: no limit).
+        max_steps: stop after this many steps (-1 or None: no limit). A stop inside an
+            epoch still closes it (its means, validation, ``on_epoch_end``), but its
+            checkpoints keep the position inside it: resumed with a larger ``max_steps``,
+            the run trains the rest of that epoch, bit-identical to a run never stopped.
         max_time: stop once this much training time is spent (seconds, a ``timedelta``,
             a dict like ``dict(hours=1)`` or ``"DD:HH:MM:SS"``; a resumed run counts the
             time before the checkpoint).
@@ -225,7 +235,8 @@ def fit(
         if ckpt_dir is None:
             ckpt_dir = next((cb.dirpath for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
         loop = _Loop(
-            plan=plan, train=TrainRunner(step, compile=jit), evaluate=EvalRunner(eval_step, compile=jit) if val_sets else None,
+            plan=plan, train=TrainRunner(step, compile=jit, compute_metrics=compute_metrics),
+            evaluate=EvalRunner(eval_step, compile=jit, compute_metrics=compute_metrics) if val_sets else None,
             state=_copy_to(state, device), train_data=train_data, val_sets=val_sets,
             callbacks=callbacks, loggers=list(loggers), device=device, writes=not fast_dev_run,
             ckpt_dir=None if ckpt_dir is None else Path(ckpt_dir), batch_dtype=batch_dtype(step), spread=spread,
@@ -284,6 +295,7 @@ class _Loop:
                     self.validate()  # resumed from a checkpoint written just before a due validation
                 while not self.finished():
                     self.emit(lambda cb, ctx: cb.on_train_epoch_start(ctx))
+                    cut = False  # the epoch stopped before its last batch (max_steps, max_time, a stop)
                     for batch in self.batches():
                         self.state, self.acc, metrics = self.train_step(self.to_device(batch))
                         pos.batch, pos.step = pos.batch + 1, pos.step + 1
@@ -297,8 +309,9 @@ class _Loop:
                         if sigterm:
                             return self.preempt()
                         if stop:
+                            cut = not plan.epoch_full(pos)
                             break
-                    self.end_epoch()
+                    self.end_epoch(cut)
                 self.emit(lambda cb, ctx: cb.on_fit_end(ctx))
             except BaseException as error:  # a Preempted included: training did not end
                 self.on_exception(error)
@@ -343,20 +356,30 @@ class _Loop:
         self.say(f"train step compiled in {time.monotonic() - start:.1f} s")
         return out
 
-    def end_epoch(self) -> None:
+    def end_epoch(self, cut: bool = False) -> None:
+        """Log the epoch's means, validate if due and call ``on_epoch_end``.
+
+        ``cut``: training stops before the epoch's last batch. The epoch is closed as
+        Lightning closes it (means of the batches done, validation, epoch-end hooks and
+        checkpoints), but the position stays inside it and its sums are kept, so a run
+        resumed from such a checkpoint with a larger ``max_steps`` / ``max_time`` trains
+        the rest of the epoch: the same bits as a run never stopped.
+        """
         pos = self.pos
         if self.acc is None or (pos.batch == 0 and not pos.epoch_done):
             raise FitError(
                 f"train_data yielded no batches in epoch {pos.epoch} (an empty dataset, a batch size larger than the "
                 "data, or a one-shot iterator already consumed: pass a list, an lf.data.ArrayLoader or a DataLoader)"
             )
-        self.log({f"train/{k}_epoch": v for k, v in means(self.spread.sum(self.acc), self.train.acc_names).items()})
+        self.log({f"train/{k}_epoch": v for k, v in self.train.values(self.spread.sum(self.acc)).items()})
         if self.evaluate is not None and self.plan.validate_at_epoch_end(pos):
             self.validate()
-        pos.epoch_done = True
+        pos.epoch_done = not cut
         self.emit(lambda cb, ctx: cb.on_epoch_end(ctx))
+        if cut:
+            return  # the run ends here; the position and sums stay mid-epoch
         pos.epoch, pos.batch, pos.epoch_done = pos.epoch + 1, 0, False
-        self.acc = torch.zeros_like(self.acc)
+        self.acc = zeros_like(self.acc)
 
     def validate(self, stage: str = "validate") -> None:
         counts = self.plan.sanity_batches if stage == "sanity" else self.plan.val_batches

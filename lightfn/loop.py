@@ -310,7 +310,8 @@ def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None) -> A
 class Position:
     """Where the loop is. ``batch``: batches done in ``epoch``; ``step``: steps taken in
     the run; ``epoch_done``: ``epoch``'s end was processed (a checkpoint then resumes at the
-    next epoch); ``last_val_step``: the step of the latest validation (so a resumed run
+    next epoch; it stays False when a stop closed the epoch before its last batch, so a
+    resumed run continues inside it); ``last_val_step``: the step of the latest validation (so a resumed run
     neither repeats nor skips one); ``elapsed``: seconds spent by earlier runs resumed from."""
 
     epoch: int = 0

@@ -9,7 +9,9 @@ A fit checkpoint is one safetensors pytree (see :mod:`lightfn.checkpoint`) with
 - ``"loop"``: the loop position (``epoch``, ``batch`` within it, host ``step``,
   ``last_val_step``, ``stop_requested``, ``elapsed`` seconds), the data order seed
   (``data_seed``, as a string; empty when the data has none), the epoch's metric sums
-  (``acc``, see :mod:`lightfn.runner`) and their names (``metrics``, JSON), and the latest
+  (``acc``, see :mod:`lightfn.runner`) and their names (``metrics``, JSON), the epoch's
+  totals of ``lf.metrics.Sum`` states (``sums``: ``{name: total}``, present only when the
+  step returns such states), and the latest
   logged host values (``logged``, JSON: what callbacks see as ``ctx.metrics``, so e.g. a
   checkpoint name or an epoch-end check right after a resume sees the same values);
 - ``"callbacks"``: each callback's non-empty ``state_dict()`` under its ``state_key``: a
@@ -81,7 +83,7 @@ def _unpack_state(like: Any, saved: Mapping[str, Any]) -> Any:
 def pack(
     state: Any,
     pos: Position,
-    acc: torch.Tensor | None,
+    acc: dict[str, Any] | torch.Tensor | None,
     names: Sequence[str] | None,
     callbacks: Sequence[Callback],
     seed: str,
@@ -90,12 +92,17 @@ def pack(
 ) -> dict[str, Any]:
     """The whole loop as one pytree (layout in the module docstring).
 
+    ``acc``: the runner's accumulator ``{"mean": sums, "sum": {name: total}}`` (or the
+    means' vector alone), ``None`` before the first step.
+
     At an epoch's end (``pos.epoch_done``) the position is the start of the next epoch, so
     a resumed run does not process that epoch's end twice.
     """
+    if isinstance(acc, torch.Tensor):  # the means' vector alone: no Sum states
+        acc = {"mean": acc, "sum": {}}
     epoch, batch = (pos.epoch + 1, 0) if pos.epoch_done else (pos.epoch, pos.batch)
     if acc is not None and pos.epoch_done:
-        acc = torch.zeros_like(acc)
+        acc = tree.map(torch.zeros_like, acc)
     loop = {
         "epoch": epoch,
         "batch": batch,
@@ -106,8 +113,10 @@ def pack(
         "data_seed": seed,
         "metrics": json.dumps(list(names or ())),
         "logged": json.dumps({k: encode_float(float(v)) for k, v in (logged or {}).items()}),
-        "acc": acc,
+        "acc": None if acc is None else acc["mean"],
     }
+    if acc is not None and acc["sum"]:  # absent otherwise: the layout checkpoints had before Sum states
+        loop["sums"] = acc["sum"]
     # Only callbacks with bookkeeping are stored (a progress bar has none to carry over).
     states = {cb.state_key: cb.state_dict() for cb in callbacks}
     return {**_state_fields(state), "loop": loop, "callbacks": {k: _encode(k, v) for k, v in states.items() if v}}
@@ -175,8 +184,11 @@ def restore_run(
     seed: str,
     *,
     read: Callable[[Any], Any] | None = None,
-) -> tuple[Any, Position, torch.Tensor | None, tuple[str, ...], dict[str, float]]:
+) -> tuple[Any, Position, dict[str, Any] | None, tuple[str, ...], dict[str, float]]:
     """``(state, position, acc, metric_names, logged)`` from a fit checkpoint; loads callback states.
+
+    ``acc`` is the runner's accumulator ``{"mean": sums, "sum": {name: total}}`` (``None``
+    when the checkpoint was written before the first step).
 
     ``state`` is the template: the result has its structure, dtypes and devices, and any
     mismatch is refused naming each differing path. ``read(template)`` loads the whole
@@ -188,9 +200,10 @@ def restore_run(
         raise FitError(f"resume_from={str(path)!r}: no such checkpoint file")
     loop = load(path, subtree="loop")
     saved_cbs = load(path, subtree="callbacks")
-    acc = loop["acc"]
+    acc = None if loop["acc"] is None else {"mean": loop["acc"], "sum": loop.get("sums", {})}
     device = tree.device_of(state)
-    template = pack(state, Position(), None if acc is None else torch.zeros_like(acc, device=device), None, [], "", 0.0)
+    like = None if acc is None else tree.map(lambda x: torch.zeros_like(x, device=device), acc)
+    template = pack(state, Position(), like, None, [], "", 0.0)
     template["loop"] = {**template["loop"], "data_seed": "", "metrics": "", "logged": ""}
     # A callback's tensors load onto the state's device; their shapes come from the file.
     template["callbacks"] = tree.map(
@@ -218,4 +231,5 @@ def restore_run(
         elapsed=loop["elapsed"],
     )
     logged = {k: decode_float(v) for k, v in json.loads(loop["logged"]).items()}
-    return _unpack_state(state, ckpt), pos, loop["acc"], tuple(json.loads(loop["metrics"])), logged
+    acc = None if loop["acc"] is None else {"mean": loop["acc"], "sum": loop.get("sums", {})}
+    return _unpack_state(state, ckpt), pos, acc, tuple(json.loads(loop["metrics"])), logged

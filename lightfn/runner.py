@@ -4,7 +4,10 @@
 weighted by the batch size, into one small device vector ``acc = [sum_1, ..., sum_M, n]``
 (sums of ``metric * batch_size`` and the total number of samples), so an epoch mean over a
 ragged last batch is exact; the loop copies values to the host only at log points, all in
-one transfer (:func:`to_host`).
+one transfer (:func:`to_host`). Metric *states* a step marks with ``lf.metrics.Sum`` (a
+confusion matrix, a summed NLL and a token count) are summed as they are beside it, and
+``compute_metrics`` turns their totals into values (:mod:`lightfn.metrics`). The whole
+accumulator is the pytree ``{"mean": acc, "sum": {name: total}}``.
 
 When fit compiles, the step and the accumulation are ONE graph:
 ``lf.jit(train_and_accumulate, donate=True)`` with
@@ -30,13 +33,16 @@ from typing import Any
 
 import torch
 
+from . import metrics as lf_metrics
 from . import tree
 from ._diagnostics import first_line
 from .errors import CompileError, FitError, LightfnError, StepError, TreeError
 from .step import describe
 from .transforms import Jitted, jit, jit_disabled
 
-__all__ = ["TrainRunner", "EvalRunner", "evaluate", "batch_size", "means", "to_host"]
+__all__ = ["TrainRunner", "EvalRunner", "evaluate", "batch_size", "means", "epoch_values", "zeros_like", "to_host"]
+
+Acc = dict[str, Any]  # {"mean": [sum_1..sum_M, n], "sum": {name: total}}
 
 
 def batch_size(batch: Any) -> int:
@@ -62,9 +68,32 @@ def accumulate(acc: torch.Tensor, metrics: Mapping[str, torch.Tensor], names: tu
 
 
 def means(acc: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The weighted means in ``acc``, still on the device."""
+    """The weighted means in the vector ``acc``, still on the device."""
     avg = acc[:-1] / acc[-1]
     return {k: avg[i] for i, k in enumerate(names)}
+
+
+def epoch_values(acc: Acc, names: tuple[str, ...], compute_metrics: lf_metrics.ComputeFn | None) -> dict[str, torch.Tensor]:
+    """Everything an accumulator stands for: the weighted means of ``names`` and the values
+    ``compute_metrics`` makes of the summed states, on the device."""
+    return {**means(acc["mean"], names), **lf_metrics.values(acc["sum"], compute_metrics, names)}
+
+
+def zeros_like(acc: Acc) -> Acc:
+    """A zeroed accumulator of the same layout (a new epoch)."""
+    return tree.map(torch.zeros_like, acc)
+
+
+def _accumulate_all(acc: Acc, metrics: Mapping[str, Any], names: tuple[str, ...], n: Any) -> Acc:
+    means_, states = lf_metrics.split(metrics)
+    return {"mean": accumulate(acc["mean"], means_, names, n), "sum": lf_metrics.add(acc["sum"], states)}
+
+
+def _accumulate_all_(acc: Acc, metrics: Mapping[str, Any], names: tuple[str, ...], n: int) -> Acc:
+    means_, states = lf_metrics.split(metrics)
+    acc["mean"].add_(_vector(means_, names, acc["mean"]), alpha=n)
+    lf_metrics.add_(acc["sum"], states)
+    return acc
 
 
 def to_host(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -79,12 +108,16 @@ def to_host(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
 
 
 def check_metrics(metrics: Any, who: str) -> tuple[str, ...]:
-    """The metric names, after checking ``metrics`` is a dict of scalar real tensors."""
+    """The names of the averaged metrics, after checking ``metrics`` is a dict of scalar
+    real tensors and ``lf.metrics.Sum`` states."""
     if not isinstance(metrics, Mapping):
         raise StepError(f"the {who} must return its metrics as a dict of scalar tensors, got {describe(metrics)}")
     for name, value in metrics.items():
         if not isinstance(name, str):
             raise StepError(f"the {who} returned a metric named {name!r}; metric names must be strings")
+        if isinstance(value, lf_metrics.Sum):
+            lf_metrics.check_states({name: value.value}, who)
+            continue
         if not isinstance(value, torch.Tensor):
             raise StepError(
                 f"metric {name!r} of the {who} is {describe(value)}, not a tensor; return a 0-d tensor "
@@ -93,9 +126,9 @@ def check_metrics(metrics: Any, who: str) -> tuple[str, ...]:
         if value.numel() != 1 or value.is_complex():
             raise StepError(
                 f"metric {name!r} of the {who} is {describe(value)}; metrics must be real scalars: reduce it "
-                "(e.g. .mean()) before returning it"
+                "(e.g. .mean()) before returning it, or return it as lf.metrics.Sum(...) to sum it over the epoch"
             )
-    return tuple(metrics)
+    return tuple(k for k, v in metrics.items() if not isinstance(v, lf_metrics.Sum))
 
 
 def check_train_output(out: Any, state: Any) -> tuple[Any, tuple[str, ...]]:
@@ -154,14 +187,23 @@ def _trace_failure(fn: Callable[..., Any], error: Exception, args: tuple[Any, ..
     )
 
 
-def _check_acc(acc: torch.Tensor | None, names: tuple[str, ...], expected: tuple[str, ...] | None, device: torch.device) -> torch.Tensor:
+def _check_acc(acc: Acc | None, names: tuple[str, ...], expected: tuple[str, ...] | None, metrics: Mapping[str, Any],
+               device: torch.device) -> Acc:
+    """``acc``, or a new zero one for ``metrics`` (a step's first output); a restored one
+    must hold the sums of the same metrics and states."""
     if expected is not None and names != expected:
         raise StepError(
             f"the checkpoint's metric sums are for metrics {list(expected)}, but this train step returns "
             f"{list(names)}; resume with the step that wrote the checkpoint"
         )
+    totals = lf_metrics.zeros(lf_metrics.split(metrics)[1])
     if acc is None:
-        return torch.zeros(len(names) + 1, dtype=torch.float32, device=device)
+        return {"mean": torch.zeros(len(names) + 1, dtype=torch.float32, device=device), "sum": totals}
+    try:
+        tree.assert_same_structure(totals, acc["sum"], what="the checkpoint's summed metric states", check_shapes=True)
+    except TreeError as e:
+        raise StepError(f"{e}\nThe step's lf.metrics.Sum states differ from those the checkpoint holds; resume with "
+                        "the step that wrote the checkpoint") from None
     return acc
 
 
@@ -174,13 +216,18 @@ class TrainRunner:
     ``acc`` is ``None`` before the first step of a fresh run (it is created once the metric
     names are known). With ``compile=True`` (and a step not already ``lf.jit``-ed) the step
     and the accumulation run as one donated graph: the state passed in is overwritten.
+    The ``metrics`` returned are the averaged ones only (what fit logs per step); the
+    ``lf.metrics.Sum`` states go into ``acc["sum"]``. ``compute_metrics`` turns their
+    totals into epoch values (:meth:`values`).
     """
 
-    def __init__(self, step: Callable[..., Any], *, compile: bool, expected_names: tuple[str, ...] | None = None) -> None:
+    def __init__(self, step: Callable[..., Any], *, compile: bool, expected_names: tuple[str, ...] | None = None,
+                 compute_metrics: lf_metrics.ComputeFn | None = None) -> None:
         self.step = step
         self.fused = compile and not isinstance(step, Jitted)
         self.names: tuple[str, ...] | None = None
         self.expected_names = expected_names
+        self.compute_metrics = compute_metrics
         self._compiled: Jitted | None = None
 
     @property
@@ -188,6 +235,12 @@ class TrainRunner:
         """The metric names ``acc`` holds: known after the first step, or from the checkpoint
         a run resumed from (one resumed at an epoch's end may close it before any step)."""
         return self.names if self.names is not None else self.expected_names
+
+    def values(self, acc: Acc) -> dict[str, torch.Tensor]:
+        """The epoch's values in ``acc`` (already summed over ranks): means and computed."""
+        names = self.acc_names
+        assert names is not None, "values() before the first step of a run not resumed"
+        return epoch_values(acc, names, self.compute_metrics)
 
     @property
     def compiles(self) -> bool:
@@ -200,32 +253,40 @@ class TrainRunner:
             return self.step.compiled
         return self.fused and not jit_disabled()
 
-    def __call__(self, state: Any, acc: torch.Tensor | None, batch: Any) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, state: Any, acc: Acc | None, batch: Any) -> tuple[Any, Acc, dict[str, torch.Tensor]]:
         if self.names is None:
             return self._first(state, acc, batch)
         if self._compiled is not None:
             return self._compiled(state, acc, batch)
         new_state, metrics = self.step(state, batch)
-        acc.add_(_vector(metrics, self.names, acc), alpha=batch_size(batch))
-        return new_state, acc, metrics
+        return new_state, _accumulate_all_(acc, metrics, self.names, batch_size(batch)), lf_metrics.split(metrics)[0]
 
-    def _first(self, state: Any, acc: torch.Tensor | None, batch: Any) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+    def _first(self, state: Any, acc: Acc | None, batch: Any) -> tuple[Any, Acc, dict[str, torch.Tensor]]:
         if self.fused:
-            _, self.names = check_train_output(abstract_eval(self.step, state, batch), state)
-            acc = _check_acc(acc, self.names, self.expected_names, tree.device_of(state))
+            out = abstract_eval(self.step, state, batch)
+            _, names = check_train_output(out, state)
+            acc = _check_acc(acc, names, self.expected_names, out[1], tree.device_of(state))
+            self._check_computable(acc)
+            self.names = names
             self._compiled = jit(functools.partial(_train_and_accumulate, self.step, self.names), donate=True)
             return self._compiled(state, acc, batch)
         out = self.step(state, batch)
         new_state, names = check_train_output(out, state)
-        acc = _check_acc(acc, names, self.expected_names, tree.device_of(new_state))
+        acc = _check_acc(acc, names, self.expected_names, out[1], tree.device_of(new_state))
+        self._check_computable(acc)
         self.names = names
-        acc.add_(_vector(out[1], names, acc), alpha=batch_size(batch))
-        return new_state, acc, out[1]
+        return new_state, _accumulate_all_(acc, out[1], names, batch_size(batch)), lf_metrics.split(out[1])[0]
+
+    def _check_computable(self, acc: Acc) -> None:
+        # Without compute_metrics a non-scalar state cannot be logged: say so now, not at
+        # the end of the first epoch.
+        if self.compute_metrics is None:
+            lf_metrics.values(acc["sum"], None)
 
 
-def _train_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: torch.Tensor, batch: Any) -> Any:
+def _train_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: Acc, batch: Any) -> Any:
     new_state, metrics = step(state, batch)
-    return new_state, accumulate(acc, metrics, names, batch_size(batch)), metrics
+    return new_state, _accumulate_all(acc, metrics, names, batch_size(batch)), lf_metrics.split(metrics)[0]
 
 
 class EvalRunner:
@@ -233,46 +294,63 @@ class EvalRunner:
 
     :meth:`with_metrics` returns the batch's metrics too (the compiled graph outputs them:
     no extra work), for fit's ``on_validation_batch_end``.
+
+    ``compute_metrics`` turns the totals of the step's ``lf.metrics.Sum`` states into
+    values (:meth:`values`).
     """
 
-    def __init__(self, step: Callable[..., Any], *, compile: bool) -> None:
+    def __init__(self, step: Callable[..., Any], *, compile: bool, compute_metrics: lf_metrics.ComputeFn | None = None) -> None:
         self.step = step
         self.fused = compile and not isinstance(step, Jitted)
         self.names: tuple[str, ...] | None = None
+        self.compute_metrics = compute_metrics
         self._compiled: Jitted | None = None
+        self._layout: Any = None  # a zero accumulator, copied for each new evaluation run
 
-    def __call__(self, state: Any, acc: torch.Tensor | None, batch: Any) -> torch.Tensor:
+    def values(self, acc: Acc) -> dict[str, torch.Tensor]:
+        """The run's values in ``acc`` (already summed over ranks): means and computed."""
+        assert self.names is not None, "values() before the first batch"
+        return epoch_values(acc, self.names, self.compute_metrics)
+
+    def __call__(self, state: Any, acc: Acc | None, batch: Any) -> Acc:
         return self.with_metrics(state, acc, batch)[0]
 
-    def with_metrics(self, state: Any, acc: torch.Tensor | None, batch: Any) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    def with_metrics(self, state: Any, acc: Acc | None, batch: Any) -> tuple[Acc, Mapping[str, torch.Tensor]]:
         """``(acc, metrics)``: the updated accumulator and this batch's metrics (device tensors)."""
         with torch.no_grad():
             if self.names is None:
                 return self._first(state, acc, batch)
             if acc is None:  # a new validation run
-                acc = _check_acc(None, self.names, None, tree.device_of(state))
+                acc = zeros_like(self._layout)
             if self._compiled is not None:
                 return self._compiled(state, acc, batch)
             metrics = self.step(state, batch)
-            acc.add_(_vector(metrics, self.names, acc), alpha=batch_size(batch))
-            return acc, metrics
+            return _accumulate_all_(acc, metrics, self.names, batch_size(batch)), lf_metrics.split(metrics)[0]
 
-    def _first(self, state: Any, acc: torch.Tensor | None, batch: Any) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    def _first(self, state: Any, acc: Acc | None, batch: Any) -> tuple[Acc, Mapping[str, torch.Tensor]]:
         if self.fused:
-            self.names = check_metrics(abstract_eval(self.step, state, batch), "eval step")
+            metrics = abstract_eval(self.step, state, batch)
+            names = check_metrics(metrics, "eval step")
+            acc = self._start(acc, names, metrics, state)
             self._compiled = jit(functools.partial(_eval_and_accumulate, self.step, self.names))
-            return self._compiled(state, _check_acc(acc, self.names, None, tree.device_of(state)), batch)
+            return self._compiled(state, acc, batch)
         metrics = self.step(state, batch)
-        self.names = check_metrics(metrics, "eval step")
-        acc = _check_acc(acc, self.names, None, tree.device_of(state))
-        acc.add_(_vector(metrics, self.names, acc), alpha=batch_size(batch))
-        return acc, metrics
+        names = check_metrics(metrics, "eval step")
+        acc = self._start(acc, names, metrics, state)
+        return _accumulate_all_(acc, metrics, names, batch_size(batch)), lf_metrics.split(metrics)[0]
+
+    def _start(self, acc: Acc | None, names: tuple[str, ...], metrics: Mapping[str, Any], state: Any) -> Acc:
+        acc = _check_acc(acc, names, None, metrics, tree.device_of(state))
+        if self.compute_metrics is None:
+            lf_metrics.values(acc["sum"], None)  # a non-scalar state without compute_metrics: refused now
+        self.names, self._layout = names, zeros_like(acc)
+        return acc
 
 
-def _eval_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: torch.Tensor,
-                         batch: Any) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+def _eval_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: Acc,
+                         batch: Any) -> tuple[Acc, Mapping[str, torch.Tensor]]:
     metrics = step(state, batch)
-    return accumulate(acc, metrics, names, batch_size(batch)), metrics
+    return _accumulate_all(acc, metrics, names, batch_size(batch)), lf_metrics.split(metrics)[0]
 
 
 def evaluate(
@@ -283,16 +361,17 @@ def evaluate(
     prefix: str,
     limit: int | None = None,
     move: Callable[[Any], Any] = lambda batch: batch,
-    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda acc: acc,
+    reduce: Callable[[Acc], Acc] = lambda acc: acc,
     what: str = "val_data",
     on_batch: Callable[[Mapping[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, float]:
-    """One evaluation pass: ``{prefix + name: mean}`` over ``batches`` (at most ``limit``).
+    """One evaluation pass: ``{prefix + name: value}`` over ``batches`` (at most ``limit``).
 
     Each mean is weighted by rows (the batch size), so a short last batch counts for what
-    it holds. ``move`` puts a batch on the device, ``reduce`` sums the accumulator over
-    ranks. fit's validation and ``lf.validate`` / ``lf.test`` are this same pass.
-    ``on_batch`` gets each batch's metrics as ``{prefix + name: 0-d device tensor}``.
+    it holds; ``lf.metrics.Sum`` states are summed and turned into values by the runner's
+    ``compute_metrics``. ``move`` puts a batch on the device, ``reduce`` sums the
+    accumulator over ranks. fit's validation and ``lf.validate`` / ``lf.test`` are this
+    same pass. ``on_batch`` gets each batch's metrics as ``{prefix + name: 0-d device tensor}``.
     """
     acc = None
     for batch in batches if limit is None else itertools.islice(batches, limit):
@@ -303,4 +382,4 @@ def evaluate(
         on_batch({f"{prefix}{k}": metrics[k] for k in runner.names or ()})
     if acc is None:
         raise FitError(f"{what} yielded no batches (an empty dataset, or a batch size larger than the data?)")
-    return to_host({f"{prefix}{k}": v for k, v in means(reduce(acc), runner.names).items()})
+    return to_host({f"{prefix}{k}": v for k, v in runner.values(reduce(acc)).items()})

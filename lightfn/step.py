@@ -7,7 +7,9 @@ keeps everything on the device. It is one traceable function: ``lf.jit`` compile
 whole, and the sharding layer rebuilds it with ``.replace(grad_transform=...)`` to put
 gradient collectives between grad and update inside the same graph.
 
-``loss_fn(params, batch)`` returns a scalar loss or ``(loss, {"name": scalar, ...})``;
+``loss_fn(params, batch)`` returns a scalar loss or ``(loss, {"name": scalar, ...})``
+(a value may also be an ``lf.metrics.Sum`` state, summed over the epoch by fit: see
+:mod:`lightfn.metrics`);
 with ``with_state=True`` it is ``loss_fn(params, buffers, batch) -> (loss, metrics,
 new_buffers)`` for models with BatchNorm-like state. Randomness inside ``loss_fn``
 (``nn.Dropout``, ``torch.rand``) is drawn from ``fold_in(state.rng, state.step)``, so a
@@ -45,6 +47,7 @@ from . import random as lf_random
 from . import tree
 from ._diagnostics import describe
 from .errors import StepError
+from .metrics import Sum, check_states
 from .optim import GradientTransformation, apply_updates
 from .optim._checks import with_types_of
 from .state import LossScale, TrainState
@@ -98,15 +101,19 @@ def _split_output(out: Any, with_state: bool) -> tuple[Any, dict[str, Any], Any]
     for name, value in metrics.items():
         if not isinstance(name, str):
             raise StepError(f"metric names must be strings, got {name!r}")
+        if isinstance(value, Sum):
+            check_states({name: value.value}, "loss_fn")
+            continue
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise StepError(f"metric {name!r} must be a scalar tensor, got {describe(value)}")
     return loss, dict(metrics), new_buffers
 
 
-def _scalar_metrics(loss: torch.Tensor, metrics: dict[str, Any]) -> dict[str, torch.Tensor]:
-    out = {"loss": loss.detach().reshape(())}
+def _scalar_metrics(loss: torch.Tensor, metrics: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"loss": loss.detach().reshape(())}
     for name, value in metrics.items():
-        out[name] = value.detach().reshape(())
+        # an lf.metrics.Sum state keeps its shapes: fit sums it over the epoch
+        out[name] = tree.map(lambda x: x.detach(), value) if isinstance(value, Sum) else value.detach().reshape(())
     return out
 
 

@@ -439,10 +439,13 @@ def test_fit_with_strategy_equals_single_process_fit(fit_runs, strategy):
     assert a["stopped_epoch"] == b["stopped_epoch"] == ref["stopped_epoch"] == 3 and a["step"] == ref["step"] == 40
     assert abs(a["best"] - ref["best"]) <= 1e-6 and a["best"] == b["best"]
     # metrics reduced over ranks: the logged validation and epoch means are the global ones
-    for name in ("val/loss", "train/loss_epoch", "train/mae_epoch"):
+    for name in ("val/loss", "train/loss_epoch", "train/mae_epoch", "val/rmse", "train/rmse_epoch"):
         got = _csv_column(out / strategy / "full/logs/lightfn/version_0/metrics.csv", name)
         want = _csv_column(out / "reference/logs/lightfn/version_0/metrics.csv", name)
         assert len(got) == len(want) == 4 and max(abs(g - w) for g, w in zip(got, want)) <= 1e-6, name
+    # lf.metrics.Sum states are summed over ranks: every row of the data, counted once
+    logs = out / strategy / "full/logs/lightfn/version_0/metrics.csv"
+    assert _csv_column(logs, "val/rows") == [48.0] * 4 and _csv_column(logs, "train/rows_epoch") == [160.0] * 4
     # resume_from="last" after 2 epochs finishes bit-identical to the uninterrupted run
     assert a["resumed_digest"] == a["digest"] and b["resumed_digest"] == b["digest"] and a["resumed_step"] == 40
 

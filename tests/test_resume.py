@@ -192,7 +192,8 @@ def test_resume_with_a_list_of_batches_is_exact_and_other_seeds_are_refused(tmp_
 def test_resumed_callbacks_get_their_saved_state_not_a_fresh_one(tmp_path):
     _fit(tmp_path, max_steps=7)  # validations after epochs 0 and 1 (the stop closes epoch 1)
     ckpt = lf.load(tmp_path / "last.safetensors")
-    assert ckpt["loop"]["step"] == 7 and ckpt["loop"]["epoch"] == 2  # saved at epoch 1's end
+    # saved when the stop closed epoch 1, at its position: 1 batch into it
+    assert (ckpt["loop"]["step"], ckpt["loop"]["epoch"], ckpt["loop"]["batch"]) == (7, 1, 1)
     cbs = [ModelCheckpoint(tmp_path, every_n_steps=w.EVERY_N_STEPS, save_top_k=1),
            ModelCheckpoint(tmp_path, monitor="val/loss", save_top_k=2),
            EarlyStopping(monitor="val/loss", patience=2, min_delta=1e9)]
@@ -201,6 +202,35 @@ def test_resumed_callbacks_get_their_saved_state_not_a_fresh_one(tmp_path):
     assert cbs[2].wait_count == 1 and cbs[2].best_score < float("inf")
     assert sorted(Path(p).name.split("-val")[0] for p in cbs[1].best_k_models) == ["epoch=0-step=6", "epoch=1-step=7"]
     assert Path(cbs[0].best_model_path).name == "epoch=0-step=6.safetensors"
+
+
+def test_a_run_stopped_by_max_steps_mid_epoch_resumes_the_rest_of_that_epoch(tmp_path):
+    # 44 batches per epoch: max_steps=30 stops inside epoch 0, whose end (means, validation,
+    # the epoch-end checkpoint) still runs; resumed with max_steps=60 it trains batches
+    # 30..43 of epoch 0 and 16 of epoch 1, exactly what one run to 60 does.
+    run = w.make_run()
+    batches = list(run["train_data"].iter_epoch(0))
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    train = lf.data.ArrayLoader((x, y), batch_size=1, shuffle=True, seed=5)
+    kw = {**run, "train_data": train, "max_epochs": None, "log_every_n_steps": 7}
+
+    def go(dirpath, max_steps, **extra):
+        logger = MemoryLogger()
+        state = fit(**{**kw, "max_steps": max_steps, **extra}, loggers=[logger],
+                    callbacks=[ModelCheckpoint(dirpath, save_top_k=0)])
+        return state, logger
+
+    ref, ref_log = go(tmp_path / "ref", 60)
+    stopped, _ = go(tmp_path / "cut", 30)
+    loop = lf.load(tmp_path / "cut" / "last.safetensors", subtree="loop")
+    assert (loop["epoch"], loop["batch"], loop["step"]) == (0, 30, 30)
+    resumed, log = go(tmp_path / "cut", 60, resume_from="last")
+    assert int(stopped.step) == 30 and int(resumed.step) == 60
+    assert_bit_identical(resumed, ref)
+    # epoch 0's mean covers all its 44 batches (the sums of the first 30 were carried over)
+    assert log.values("train/loss_epoch") == ref_log.values("train/loss_epoch")
+    assert [s for s, _ in log.values("train/loss_epoch")] == [44, 60]
+    assert log.values("val/loss") == ref_log.values("val/loss")
 
 
 @pytest.mark.compile

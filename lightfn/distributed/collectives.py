@@ -15,6 +15,7 @@ the world size, and split back. One bucket was ~3x faster than one collective pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "reduce_scatter_sum",
     "all_reduce_mean",
     "bucketed_mean",
+    "sum_in_buckets",
 ]
 
 _ops = torch.ops._c10d_functional
@@ -73,6 +75,30 @@ def bucketed_mean(grads: Any, world_size: int, group_name: str, upcast_bf16: boo
         flat = flat.to(dtype)
         sizes = [leaves[i].numel() for i in idx]
         for i, piece in zip(idx, torch.split(flat, sizes)):
+            out[i] = piece.view(leaves[i].shape)
+    return tree.unflatten(treedef, out)
+
+
+def sum_in_buckets(values: Any, all_reduce_: Callable[[torch.Tensor], Any], *, upcast_bf16: bool = False) -> Any:
+    """A copy of the pytree ``values`` summed over ranks by ``all_reduce_`` (an in-place
+    sum of one flat tensor, e.g. ``dist.all_reduce``): one call per dtype and device.
+
+    Host-side (fit's metric accumulators at log points); each dtype keeps its own
+    precision, so int64 counts stay exact. ``upcast_bf16``: sum bfloat16 leaves in
+    float32 (gloo has no bfloat16 sum). Non-tensor leaves pass through.
+    """
+    leaves, treedef = tree.flatten(values)
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, x in enumerate(leaves):
+        if isinstance(x, torch.Tensor):
+            groups.setdefault((x.dtype, x.device), []).append(i)
+    out = list(leaves)
+    for (dtype, _), idx in groups.items():
+        flat = torch.cat([leaves[i].detach().reshape(-1) for i in idx])  # a new tensor: the inputs stay as they are
+        if upcast_bf16 and dtype in _GLOO_UPCAST:
+            flat = flat.float()
+        all_reduce_(flat)
+        for i, piece in zip(idx, torch.split(flat.to(dtype), [leaves[i].numel() for i in idx])):
             out[i] = piece.view(leaves[i].shape)
     return tree.unflatten(treedef, out)
 

@@ -13,7 +13,8 @@ tells it, at the few places where processes matter:
   ``DistributedSampler`` is already per rank and kept), so every sample is seen once per
   epoch and one process sees exactly the single-process batches.
 - metrics: per-rank until a log point, then averaged (step values) or summed (the epoch
-  and validation accumulators ``[sum_1..sum_M, n]``, so means stay exactly weighted).
+  and validation accumulators ``[sum_1..sum_M, n]``, so means stay exactly weighted, and
+  the totals of ``lf.metrics.Sum`` states, so an F1 or a perplexity covers every rank).
 - checkpoints: ``"ddp"`` writes from rank 0 only; ``"fsdp"`` writes each checkpoint path as
   a folder of per-rank safetensors files plus ``index.json`` (:func:`save_sharded`), or,
   with ``Strategy("fsdp", gather_checkpoints=True)``, as one ordinary fit checkpoint file
@@ -42,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from .. import tree
 from ..callbacks.base import Callback
 from ..data import ArrayLoader
 from ..loop import FitError
@@ -49,7 +51,7 @@ from ..resume import restore_run, run_metadata, save_run
 from ..state import TrainState
 from ..step import EvalStep, TrainStep
 from ..transforms import Jitted
-from .collectives import all_gather_flat
+from .collectives import all_gather_flat, sum_in_buckets
 from .data_parallel import RankFoldedLoss, _AverageGrads, data_parallel, reduce_metrics, replicate_state
 from .fully_sharded import FullyShardedStep, ShardedParams, fully_sharded, shard_state, unshard_state
 from .mesh import Mesh, guard, init, is_main, require_launched, single_process_mesh
@@ -224,14 +226,15 @@ class Spread:
             return metrics
         return reduce_metrics(metrics, self.mesh)
 
-    def sum(self, acc: torch.Tensor) -> torch.Tensor:
-        """An accumulator ``[sum_1..sum_M, n]`` summed over ranks (a new tensor)."""
+    def sum(self, acc: Any) -> Any:
+        """An accumulator (the means' ``[sum_1..sum_M, n]`` and the Sum states' totals, any
+        pytree of tensors) summed over ranks: new tensors, one all-reduce per dtype."""
         if not self.mesh.distributed:
             return acc
-        out = acc.detach().clone()
+        group = self.mesh.group
         with guard(self.mesh, "reducing metrics"):
-            dist.all_reduce(out, group=self.mesh.group)
-        return out
+            return sum_in_buckets(acc, lambda flat: dist.all_reduce(flat, group=group),
+                                  upcast_bf16=self.mesh.backend == "gloo")
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -250,8 +253,9 @@ class Spread:
             if self.main:
                 save_run(path, packed, metadata)
             return
-        if agreed and mesh.distributed and packed["loop"]["acc"] is not None:
-            packed = {**packed, "loop": {**packed["loop"], "acc": self.sum(packed["loop"]["acc"])}}
+        loop = packed["loop"]
+        if agreed and mesh.distributed and loop["acc"] is not None:
+            packed = {**packed, "loop": {**loop, **self.sum({k: loop[k] for k in ("acc", "sums") if k in loop})}}
         if not self.fsdp:
             if mesh.is_main:
                 save_run(path, packed, metadata)
@@ -280,7 +284,7 @@ class Spread:
         else:
             state, pos, acc, *rest = restore_run(path, state, callbacks, seed)
         if acc is not None and self.active and mesh.rank != 0:
-            acc = torch.zeros_like(acc)  # the saved sums cover every rank: counted once, on rank 0
+            acc = tree.map(torch.zeros_like, acc)  # the saved sums cover every rank: counted once, on rank 0
         return (state, pos, acc, *rest)
 
     def delete(self, path: str | os.PathLike[str]) -> None:

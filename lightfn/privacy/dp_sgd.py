@@ -48,6 +48,7 @@ from .. import random as lf_random
 from .. import tree
 from ..data import MaskedBatch
 from ..errors import PrivacyError, StepError
+from ..metrics import Sum
 from ..optim import GradientTransformation
 from ..per_sample import map_rows, num_rows
 from ..step import TrainStep, train_step
@@ -156,7 +157,14 @@ class DPGradient:
                 return v.mean()
             return torch.where(real, v, torch.zeros_like(v)).sum() / count.to(v.dtype)
 
-        return (row_mean(losses), {k: row_mean(v) for k, v in metrics.items()}, {}), grads
+        def row_sum(v: torch.Tensor) -> torch.Tensor:
+            # an lf.metrics.Sum state: the batch's state is the sum of its real rows' states
+            if real is None:
+                return v.sum(0)
+            return torch.where(real.reshape(n, *([1] * (v.dim() - 1))), v, torch.zeros_like(v)).sum(0)
+
+        reduced = {k: Sum(tree.map(row_sum, v.value)) if isinstance(v, Sum) else row_mean(v) for k, v in metrics.items()}
+        return (row_mean(losses), reduced, {}), grads
 
 
 def dp_train_step(
