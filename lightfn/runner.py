@@ -19,6 +19,10 @@ given and its metrics are accumulated after it with one fused in-place add.
 The first outputs are checked (a ``(state, metrics)`` pair, the state's structure, shapes
 and dtypes unchanged, every metric a scalar tensor), so a wrong step fails here with the
 offending path or metric named, not deep inside the loop.
+
+An ``lf.ensemble`` step returns metrics of shape ``(K,)``, one value per member: each
+member gets its own accumulator slot (``<name>/member_<i>``) and :func:`means` adds their
+mean under ``<name>`` (see :mod:`lightfn._members`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 
 from . import tree
+from ._members import flat_names, flatten, group_means, is_member_name, state_members
 from ._diagnostics import first_line
 from .errors import CompileError, FitError, LightfnError, StepError, TreeError
 from .step import describe
@@ -51,20 +56,21 @@ def batch_size(batch: Any) -> int:
     return 1
 
 
-def _vector(metrics: Mapping[str, torch.Tensor], names: tuple[str, ...], acc: torch.Tensor) -> torch.Tensor:
-    values = [metrics[k].detach().reshape(()).to(acc.dtype) for k in names]
-    return torch.stack([*values, acc.new_ones(())])
+def _vector(metrics: Mapping[str, torch.Tensor], keys: tuple[str, ...], acc: torch.Tensor) -> torch.Tensor:
+    return torch.cat([flatten(metrics, keys, acc.dtype), acc.new_ones(1)])
 
 
-def accumulate(acc: torch.Tensor, metrics: Mapping[str, torch.Tensor], names: tuple[str, ...], n: Any) -> torch.Tensor:
-    """``acc + [m_1, ..., m_M, 1] * n`` (pure; traced into the step's graph)."""
-    return acc + _vector(metrics, names, acc) * n
+def accumulate(acc: torch.Tensor, metrics: Mapping[str, torch.Tensor], keys: tuple[str, ...], n: Any) -> torch.Tensor:
+    """``acc + [m_1, ..., m_M, 1] * n`` (pure; traced into the step's graph). ``keys``: the
+    step's metric names; a (K,) metric fills K consecutive slots."""
+    return acc + _vector(metrics, keys, acc) * n
 
 
 def means(acc: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The weighted means in ``acc``, still on the device."""
+    """The weighted means in ``acc`` (slot ``names``), still on the device; each group of
+    member slots also gives its mean over the members under the metric's own name."""
     avg = acc[:-1] / acc[-1]
-    return {k: avg[i] for i, k in enumerate(names)}
+    return group_means({k: avg[i] for i, k in enumerate(names)})
 
 
 def to_host(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -78,8 +84,11 @@ def to_host(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_metrics(metrics: Any, who: str) -> tuple[str, ...]:
-    """The metric names, after checking ``metrics`` is a dict of scalar real tensors."""
+def check_metrics(metrics: Any, who: str, members: int | None = None) -> tuple[str, ...]:
+    """The metric names, after checking ``metrics`` is a dict of real tensors that are
+    scalars (one element) or, when the state is stacked over ``members`` (K, see
+    :func:`lightfn._members.state_members`), per-member vectors of shape ``(K,)`` (an
+    ``lf.ensemble`` step)."""
     if not isinstance(metrics, Mapping):
         raise StepError(f"the {who} must return its metrics as a dict of scalar tensors, got {describe(metrics)}")
     for name, value in metrics.items():
@@ -90,10 +99,18 @@ def check_metrics(metrics: Any, who: str) -> tuple[str, ...]:
                 f"metric {name!r} of the {who} is {describe(value)}, not a tensor; return a 0-d tensor "
                 "(a Python number would force a host sync or be baked into the compiled graph)"
             )
-        if value.numel() != 1 or value.is_complex():
+        per_member = members is not None and value.dim() == 1 and value.shape[0] == members
+        if not (value.numel() == 1 or per_member) or value.is_complex():
+            k = "" if members is None else f"; this state is stacked over {members} members, so ({members},) is allowed too"
             raise StepError(
-                f"metric {name!r} of the {who} is {describe(value)}; metrics must be real scalars: reduce it "
-                "(e.g. .mean()) before returning it"
+                f"metric {name!r} of the {who} is {describe(value)}; metrics must be real scalars (or of shape "
+                f"(K,) from an lf.ensemble step over a state of K stacked members{k}): reduce it (e.g. .mean()) "
+                "before returning it"
+            )
+        if is_member_name(name):
+            raise StepError(
+                f"the {who} returned a metric named {name!r}; names ending in '/member_<i>' are reserved for the "
+                "members of an lf.ensemble step's (K,) metrics: rename it"
             )
     return tuple(metrics)
 
@@ -110,7 +127,7 @@ def check_train_output(out: Any, state: Any) -> tuple[Any, tuple[str, ...]]:
             f"{e}\nA train step must return a state with the same structure, shapes and dtypes as the one it got "
             "(use state.replace(...) to change values)."
         ) from None
-    return new_state, check_metrics(metrics, "train step")
+    return new_state, check_metrics(metrics, "train step", state_members(state))
 
 
 def abstract_eval(fn: Callable[..., Any], *args: Any) -> Any:
@@ -179,7 +196,8 @@ class TrainRunner:
     def __init__(self, step: Callable[..., Any], *, compile: bool, expected_names: tuple[str, ...] | None = None) -> None:
         self.step = step
         self.fused = compile and not isinstance(step, Jitted)
-        self.names: tuple[str, ...] | None = None
+        self.keys: tuple[str, ...] = ()  # the step's metric names
+        self.names: tuple[str, ...] | None = None  # acc's slot names (members spelled out)
         self.expected_names = expected_names
         self._compiled: Jitted | None = None
 
@@ -206,26 +224,30 @@ class TrainRunner:
         if self._compiled is not None:
             return self._compiled(state, acc, batch)
         new_state, metrics = self.step(state, batch)
-        acc.add_(_vector(metrics, self.names, acc), alpha=batch_size(batch))
+        acc.add_(_vector(metrics, self.keys, acc), alpha=batch_size(batch))
         return new_state, acc, metrics
 
     def _first(self, state: Any, acc: torch.Tensor | None, batch: Any) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
         if self.fused:
-            _, self.names = check_train_output(abstract_eval(self.step, state, batch), state)
-            acc = _check_acc(acc, self.names, self.expected_names, tree.device_of(state))
-            self._compiled = jit(functools.partial(_train_and_accumulate, self.step, self.names), donate=True)
+            fake = abstract_eval(self.step, state, batch)
+            _, self.keys = check_train_output(fake, state)
+            names = flat_names(fake[1])
+            acc = _check_acc(acc, names, self.expected_names, tree.device_of(state))
+            self.names = names
+            self._compiled = jit(functools.partial(_train_and_accumulate, self.step, self.keys), donate=True)
             return self._compiled(state, acc, batch)
         out = self.step(state, batch)
-        new_state, names = check_train_output(out, state)
+        new_state, keys = check_train_output(out, state)
+        names = flat_names(out[1])
         acc = _check_acc(acc, names, self.expected_names, tree.device_of(new_state))
-        self.names = names
-        acc.add_(_vector(out[1], names, acc), alpha=batch_size(batch))
+        self.keys, self.names = keys, names
+        acc.add_(_vector(out[1], keys, acc), alpha=batch_size(batch))
         return new_state, acc, out[1]
 
 
-def _train_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: torch.Tensor, batch: Any) -> Any:
+def _train_and_accumulate(step: Callable[..., Any], keys: tuple[str, ...], state: Any, acc: torch.Tensor, batch: Any) -> Any:
     new_state, metrics = step(state, batch)
-    return new_state, accumulate(acc, metrics, names, batch_size(batch)), metrics
+    return new_state, accumulate(acc, metrics, keys, batch_size(batch)), metrics
 
 
 class EvalRunner:
@@ -234,7 +256,8 @@ class EvalRunner:
     def __init__(self, step: Callable[..., Any], *, compile: bool) -> None:
         self.step = step
         self.fused = compile and not isinstance(step, Jitted)
-        self.names: tuple[str, ...] | None = None
+        self.keys: tuple[str, ...] = ()  # the step's metric names
+        self.names: tuple[str, ...] | None = None  # acc's slot names (members spelled out)
         self._compiled: Jitted | None = None
 
     def __call__(self, state: Any, acc: torch.Tensor | None, batch: Any) -> torch.Tensor:
@@ -245,23 +268,26 @@ class EvalRunner:
                 acc = _check_acc(None, self.names, None, tree.device_of(state))
             if self._compiled is not None:
                 return self._compiled(state, acc, batch)
-            acc.add_(_vector(self.step(state, batch), self.names, acc), alpha=batch_size(batch))
+            acc.add_(_vector(self.step(state, batch), self.keys, acc), alpha=batch_size(batch))
             return acc
 
     def _first(self, state: Any, acc: torch.Tensor | None, batch: Any) -> torch.Tensor:
         if self.fused:
-            self.names = check_metrics(abstract_eval(self.step, state, batch), "eval step")
-            self._compiled = jit(functools.partial(_eval_and_accumulate, self.step, self.names))
+            fake = abstract_eval(self.step, state, batch)
+            self.keys = check_metrics(fake, "eval step", state_members(state))
+            self.names = flat_names(fake)
+            self._compiled = jit(functools.partial(_eval_and_accumulate, self.step, self.keys))
             return self._compiled(state, _check_acc(acc, self.names, None, tree.device_of(state)), batch)
         metrics = self.step(state, batch)
-        self.names = check_metrics(metrics, "eval step")
+        self.keys = check_metrics(metrics, "eval step", state_members(state))
+        self.names = flat_names(metrics)
         acc = _check_acc(acc, self.names, None, tree.device_of(state))
-        acc.add_(_vector(metrics, self.names, acc), alpha=batch_size(batch))
+        acc.add_(_vector(metrics, self.keys, acc), alpha=batch_size(batch))
         return acc
 
 
-def _eval_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: torch.Tensor, batch: Any) -> torch.Tensor:
-    return accumulate(acc, step(state, batch), names, batch_size(batch))
+def _eval_and_accumulate(step: Callable[..., Any], keys: tuple[str, ...], state: Any, acc: torch.Tensor, batch: Any) -> torch.Tensor:
+    return accumulate(acc, step(state, batch), keys, batch_size(batch))
 
 
 def evaluate(
