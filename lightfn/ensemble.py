@@ -32,6 +32,10 @@ Anything in the state that is not a tensor (static dataclass fields, Python numb
 ``extra``) is shared by all members and passed through unchanged; it must be equal across
 members, which :func:`lightfn.tree.stack` checks.
 
+``lf.fit`` trains an ensemble step as it is: it logs each ``(K,)`` metric as its mean
+under the usual name and per member as ``<name>/member_<i>`` (``val/loss/member_3``), and
+its checkpoints hold the stacked state (see :mod:`lightfn._members`).
+
 The wrapped step may be an ``lf.train_step``, an ``lf.eval_step`` (``(state, batch) ->
 metrics``) or any hand-written pure step; it must not be an ``lf.jit``-compiled function
 (compile the ensemble instead: ``lf.jit(lf.ensemble(step))``).

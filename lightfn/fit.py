@@ -41,6 +41,7 @@ from .loggers.base import Logger
 from .loop import (FitError, Plan, Position, batch_dtype, configure_steps, first_batches, make_plan, move_batch,
                    positive, preemption_signal, resolve_device)
 from .resume import data_seed, pack, run_metadata
+from ._members import collapse_equal, expand, with_suffix
 from .metrics import ComputeFn
 from .runner import EvalRunner, TrainRunner, evaluate, to_host, zeros_like
 from .state import TrainState
@@ -98,7 +99,12 @@ def fit(
     Args:
         step: ``(state, batch) -> (new_state, metrics)``: an ``lf.train_step``, any pure
             function of that form, or one already wrapped in ``lf.jit``. ``metrics`` is a
-            dict of scalar tensors, logged as ``train/<name>``.
+            dict of scalar tensors, logged as ``train/<name>``. An ``lf.ensemble`` step
+            over a state stacked with ``lf.tree.stack`` trains K members at once: its
+            ``(K,)`` metrics are logged as their mean under the usual name and per member
+            as ``<name>/member_<i>`` (``train/loss/member_0``, ``train/loss_epoch/member_0``,
+            ``val/loss/member_3``), each accumulated over rows as for that member alone;
+            callbacks may monitor either. Checkpoints hold the stacked state.
         state: the initial state (usually an ``lf.TrainState``; any pytree works).
         train_data: an ``lf.data.ArrayLoader`` (exact resume, no host copies), a
             ``torch.utils.data.DataLoader`` or any re-iterable of batches (see
@@ -371,7 +377,7 @@ class _Loop:
                 f"train_data yielded no batches in epoch {pos.epoch} (an empty dataset, a batch size larger than the "
                 "data, or a one-shot iterator already consumed: pass a list, an lf.data.ArrayLoader or a DataLoader)"
             )
-        self.log({f"train/{k}_epoch": v for k, v in self.train.values(self.spread.sum(self.acc)).items()})
+        self.log({f"train/{with_suffix(k, '_epoch')}": v for k, v in self.train.values(self.spread.sum(self.acc)).items()})
         if self.evaluate is not None and self.plan.validate_at_epoch_end(pos):
             self.validate()
         pos.epoch_done = not cut
@@ -403,11 +409,16 @@ class _Loop:
         self.emit(lambda cb, ctx: cb.on_validation_end(ctx), stage=stage, state=state)
 
     def log_step(self, metrics: Mapping[str, torch.Tensor]) -> None:
-        values = {f"train/{k}": v for k, v in self.spread.mean(metrics).items()}
+        # An ensemble's (K,) metrics are spelled out (mean and members) before the
+        # ranks average them: every value reduced and logged is a scalar.
+        values = {f"train/{k}": v for k, v in self.spread.mean(expand(metrics)).items()}
         lr = _single_lr(self.state) if self.log_lr else None
-        if lr is not None:
-            values["lr"] = lr
-        self.log(values)
+        if lr is None:
+            self.log(values)
+            return
+        values.update(expand({"lr": lr}))
+        # One transfer for metrics and rates; one rate shared by all members logs as "lr".
+        self.log(collapse_equal(to_host(values), "lr"))
 
     def log(self, values: Mapping[str, Any]) -> None:
         """Copy device values to the host in one transfer, remember and log them."""

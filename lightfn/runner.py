@@ -22,6 +22,10 @@ given and its metrics are accumulated after it with one fused in-place add.
 The first outputs are checked (a ``(state, metrics)`` pair, the state's structure, shapes
 and dtypes unchanged, every metric a scalar tensor), so a wrong step fails here with the
 offending path or metric named, not deep inside the loop.
+
+An ``lf.ensemble`` step returns metrics of shape ``(K,)``, one value per member: each
+member gets its own accumulator slot (``<name>/member_<i>``) and :func:`means` adds their
+mean under ``<name>`` (see :mod:`lightfn._members`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 
 from . import metrics as lf_metrics
 from . import tree
+from ._members import flat_names, flatten, group_means, is_member_name, state_members
 from ._diagnostics import first_line
 from .errors import CompileError, FitError, LightfnError, StepError, TreeError
 from .step import describe
@@ -57,20 +62,21 @@ def batch_size(batch: Any) -> int:
     return 1
 
 
-def _vector(metrics: Mapping[str, torch.Tensor], names: tuple[str, ...], acc: torch.Tensor) -> torch.Tensor:
-    values = [metrics[k].detach().reshape(()).to(acc.dtype) for k in names]
-    return torch.stack([*values, acc.new_ones(())])
+def _vector(metrics: Mapping[str, torch.Tensor], keys: tuple[str, ...], acc: torch.Tensor) -> torch.Tensor:
+    return torch.cat([flatten(metrics, keys, acc.dtype), acc.new_ones(1)])
 
 
-def accumulate(acc: torch.Tensor, metrics: Mapping[str, torch.Tensor], names: tuple[str, ...], n: Any) -> torch.Tensor:
-    """``acc + [m_1, ..., m_M, 1] * n`` (pure; traced into the step's graph)."""
-    return acc + _vector(metrics, names, acc) * n
+def accumulate(acc: torch.Tensor, metrics: Mapping[str, torch.Tensor], keys: tuple[str, ...], n: Any) -> torch.Tensor:
+    """``acc + [m_1, ..., m_M, 1] * n`` (pure; traced into the step's graph). ``keys``: the
+    step's metric names; a (K,) metric fills K consecutive slots."""
+    return acc + _vector(metrics, keys, acc) * n
 
 
 def means(acc: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The weighted means in the vector ``acc``, still on the device."""
+    """The weighted means in ``acc`` (slot ``names``), still on the device; each group of
+    member slots also gives its mean over the members under the metric's own name."""
     avg = acc[:-1] / acc[-1]
-    return {k: avg[i] for i, k in enumerate(names)}
+    return group_means({k: avg[i] for i, k in enumerate(names)})
 
 
 def epoch_values(acc: Acc, names: tuple[str, ...], compute_metrics: lf_metrics.ComputeFn | None) -> dict[str, torch.Tensor]:
@@ -107,9 +113,12 @@ def to_host(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_metrics(metrics: Any, who: str) -> tuple[str, ...]:
-    """The names of the averaged metrics, after checking ``metrics`` is a dict of scalar
-    real tensors and ``lf.metrics.Sum`` states."""
+def check_metrics(metrics: Any, who: str, members: int | None = None) -> tuple[str, ...]:
+    """The names of the averaged metrics, after checking ``metrics`` is a dict of real
+    tensors and ``lf.metrics.Sum`` states. An averaged metric is a scalar (one element) or,
+    when the state is stacked over ``members`` (K, see
+    :func:`lightfn._members.state_members`), a per-member vector of shape ``(K,)`` (an
+    ``lf.ensemble`` step)."""
     if not isinstance(metrics, Mapping):
         raise StepError(f"the {who} must return its metrics as a dict of scalar tensors, got {describe(metrics)}")
     for name, value in metrics.items():
@@ -123,10 +132,18 @@ def check_metrics(metrics: Any, who: str) -> tuple[str, ...]:
                 f"metric {name!r} of the {who} is {describe(value)}, not a tensor; return a 0-d tensor "
                 "(a Python number would force a host sync or be baked into the compiled graph)"
             )
-        if value.numel() != 1 or value.is_complex():
+        per_member = members is not None and value.dim() == 1 and value.shape[0] == members
+        if not (value.numel() == 1 or per_member) or value.is_complex():
+            k = "" if members is None else f"; this state is stacked over {members} members, so ({members},) is allowed too"
             raise StepError(
-                f"metric {name!r} of the {who} is {describe(value)}; metrics must be real scalars: reduce it "
-                "(e.g. .mean()) before returning it, or return it as lf.metrics.Sum(...) to sum it over the epoch"
+                f"metric {name!r} of the {who} is {describe(value)}; metrics must be real scalars (or of shape "
+                f"(K,) from an lf.ensemble step over a state of K stacked members{k}): reduce it (e.g. .mean()) "
+                "before returning it, or return it as lf.metrics.Sum(...) to sum it over the epoch"
+            )
+        if is_member_name(name):
+            raise StepError(
+                f"the {who} returned a metric named {name!r}; names ending in '/member_<i>' are reserved for the "
+                "members of an lf.ensemble step's (K,) metrics: rename it"
             )
     return tuple(k for k, v in metrics.items() if not isinstance(v, lf_metrics.Sum))
 
@@ -143,7 +160,7 @@ def check_train_output(out: Any, state: Any) -> tuple[Any, tuple[str, ...]]:
             f"{e}\nA train step must return a state with the same structure, shapes and dtypes as the one it got "
             "(use state.replace(...) to change values)."
         ) from None
-    return new_state, check_metrics(metrics, "train step")
+    return new_state, check_metrics(metrics, "train step", state_members(state))
 
 
 def abstract_eval(fn: Callable[..., Any], *args: Any) -> Any:
@@ -225,7 +242,8 @@ class TrainRunner:
                  compute_metrics: lf_metrics.ComputeFn | None = None) -> None:
         self.step = step
         self.fused = compile and not isinstance(step, Jitted)
-        self.names: tuple[str, ...] | None = None
+        self.keys: tuple[str, ...] = ()  # the step's metric names
+        self.names: tuple[str, ...] | None = None  # acc's slot names (members spelled out)
         self.expected_names = expected_names
         self.compute_metrics = compute_metrics
         self._compiled: Jitted | None = None
@@ -259,23 +277,25 @@ class TrainRunner:
         if self._compiled is not None:
             return self._compiled(state, acc, batch)
         new_state, metrics = self.step(state, batch)
-        return new_state, _accumulate_all_(acc, metrics, self.names, batch_size(batch)), lf_metrics.split(metrics)[0]
+        return new_state, _accumulate_all_(acc, metrics, self.keys, batch_size(batch)), lf_metrics.split(metrics)[0]
 
     def _first(self, state: Any, acc: Acc | None, batch: Any) -> tuple[Any, Acc, dict[str, torch.Tensor]]:
         if self.fused:
             out = abstract_eval(self.step, state, batch)
-            _, names = check_train_output(out, state)
+            _, keys = check_train_output(out, state)
+            names = flat_names(lf_metrics.split(out[1])[0])
             acc = _check_acc(acc, names, self.expected_names, out[1], tree.device_of(state))
             self._check_computable(acc)
-            self.names = names
-            self._compiled = jit(functools.partial(_train_and_accumulate, self.step, self.names), donate=True)
+            self.keys, self.names = keys, names
+            self._compiled = jit(functools.partial(_train_and_accumulate, self.step, self.keys), donate=True)
             return self._compiled(state, acc, batch)
         out = self.step(state, batch)
-        new_state, names = check_train_output(out, state)
+        new_state, keys = check_train_output(out, state)
+        names = flat_names(lf_metrics.split(out[1])[0])
         acc = _check_acc(acc, names, self.expected_names, out[1], tree.device_of(new_state))
         self._check_computable(acc)
-        self.names = names
-        return new_state, _accumulate_all_(acc, out[1], names, batch_size(batch)), lf_metrics.split(out[1])[0]
+        self.keys, self.names = keys, names
+        return new_state, _accumulate_all_(acc, out[1], keys, batch_size(batch)), lf_metrics.split(out[1])[0]
 
     def _check_computable(self, acc: Acc) -> None:
         # Without compute_metrics a non-scalar state cannot be logged: say so now, not at
@@ -284,9 +304,9 @@ class TrainRunner:
             lf_metrics.values(acc["sum"], None)
 
 
-def _train_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: Acc, batch: Any) -> Any:
+def _train_and_accumulate(step: Callable[..., Any], keys: tuple[str, ...], state: Any, acc: Acc, batch: Any) -> Any:
     new_state, metrics = step(state, batch)
-    return new_state, _accumulate_all(acc, metrics, names, batch_size(batch)), lf_metrics.split(metrics)[0]
+    return new_state, _accumulate_all(acc, metrics, keys, batch_size(batch)), lf_metrics.split(metrics)[0]
 
 
 class EvalRunner:
@@ -302,7 +322,8 @@ class EvalRunner:
     def __init__(self, step: Callable[..., Any], *, compile: bool, compute_metrics: lf_metrics.ComputeFn | None = None) -> None:
         self.step = step
         self.fused = compile and not isinstance(step, Jitted)
-        self.names: tuple[str, ...] | None = None
+        self.keys: tuple[str, ...] = ()  # the step's averaged metric names
+        self.names: tuple[str, ...] | None = None  # acc's slot names (members spelled out)
         self.compute_metrics = compute_metrics
         self._compiled: Jitted | None = None
         self._layout: Any = None  # a zero accumulator, copied for each new evaluation run
@@ -325,32 +346,31 @@ class EvalRunner:
             if self._compiled is not None:
                 return self._compiled(state, acc, batch)
             metrics = self.step(state, batch)
-            return _accumulate_all_(acc, metrics, self.names, batch_size(batch)), lf_metrics.split(metrics)[0]
+            return _accumulate_all_(acc, metrics, self.keys, batch_size(batch)), lf_metrics.split(metrics)[0]
 
     def _first(self, state: Any, acc: Acc | None, batch: Any) -> tuple[Acc, Mapping[str, torch.Tensor]]:
         if self.fused:
             metrics = abstract_eval(self.step, state, batch)
-            names = check_metrics(metrics, "eval step")
-            acc = self._start(acc, names, metrics, state)
-            self._compiled = jit(functools.partial(_eval_and_accumulate, self.step, self.names))
+            acc = self._start(acc, check_metrics(metrics, "eval step", state_members(state)), metrics, state)
+            self._compiled = jit(functools.partial(_eval_and_accumulate, self.step, self.keys))
             return self._compiled(state, acc, batch)
         metrics = self.step(state, batch)
-        names = check_metrics(metrics, "eval step")
-        acc = self._start(acc, names, metrics, state)
-        return _accumulate_all_(acc, metrics, names, batch_size(batch)), lf_metrics.split(metrics)[0]
+        acc = self._start(acc, check_metrics(metrics, "eval step", state_members(state)), metrics, state)
+        return _accumulate_all_(acc, metrics, self.keys, batch_size(batch)), lf_metrics.split(metrics)[0]
 
-    def _start(self, acc: Acc | None, names: tuple[str, ...], metrics: Mapping[str, Any], state: Any) -> Acc:
+    def _start(self, acc: Acc | None, keys: tuple[str, ...], metrics: Mapping[str, Any], state: Any) -> Acc:
+        names = flat_names(lf_metrics.split(metrics)[0])
         acc = _check_acc(acc, names, None, metrics, tree.device_of(state))
         if self.compute_metrics is None:
             lf_metrics.values(acc["sum"], None)  # a non-scalar state without compute_metrics: refused now
-        self.names, self._layout = names, zeros_like(acc)
+        self.keys, self.names, self._layout = keys, names, zeros_like(acc)
         return acc
 
 
-def _eval_and_accumulate(step: Callable[..., Any], names: tuple[str, ...], state: Any, acc: Acc,
+def _eval_and_accumulate(step: Callable[..., Any], keys: tuple[str, ...], state: Any, acc: Acc,
                          batch: Any) -> tuple[Acc, Mapping[str, torch.Tensor]]:
     metrics = step(state, batch)
-    return _accumulate_all(acc, metrics, names, batch_size(batch)), lf_metrics.split(metrics)[0]
+    return _accumulate_all(acc, metrics, keys, batch_size(batch)), lf_metrics.split(metrics)[0]
 
 
 def evaluate(
@@ -379,7 +399,7 @@ def evaluate(
             acc = runner(state, acc, move(batch))
             continue
         acc, metrics = runner.with_metrics(state, acc, move(batch))
-        on_batch({f"{prefix}{k}": metrics[k] for k in runner.names or ()})
+        on_batch({f"{prefix}{k}": metrics[k] for k in runner.keys})
     if acc is None:
         raise FitError(f"{what} yielded no batches (an empty dataset, or a batch size larger than the data?)")
     return to_host({f"{prefix}{k}": v for k, v in runner.values(reduce(acc)).items()})

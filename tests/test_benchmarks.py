@@ -52,6 +52,15 @@ def test_step_vs_eager(tmp_path):
     assert variants["lightfn_jit"]["lightfn_jit_speedup"] == 1.0
 
 
+def test_ensemble(tmp_path):
+    result = _run("ensemble.py", tmp_path / "e.json", "--batch-size", "8")
+    variants = {r["variant"]: r for r in result["variants"]}
+    assert set(variants) == {"ensemble_jit", "separate_jit"} and result["members"] == 8
+    for r in variants.values():
+        _positive(r, "us_per_step", "cpu_us_per_step", "us_per_member_step", "samples_per_s", "ensemble_speedup")
+    _positive(result, "speedup_vs_separate", "flop_floor_us")
+
+
 def test_seed_autoencoder(tmp_path):
     # The warm-cache probes run in fresh processes: the first-step fields are checked too.
     result = _run("seed_autoencoder.py", tmp_path / "a.json", "--probes", "warm", "--systems", "lightfn,torch")

@@ -28,6 +28,7 @@ sys.path.insert(0, str(EXAMPLES))  # the examples import their helpers as top-le
 import _data  # noqa: E402
 import autoencoder  # noqa: E402
 import custom_loop  # noqa: E402
+import ensemble  # noqa: E402
 import export  # noqa: E402
 import gan  # noqa: E402
 import mnist_classifier  # noqa: E402
@@ -228,6 +229,29 @@ def test_custom_loop_without_fit_matches_fit(tmp_path, mnist_dir, capsys):
     fit_params = lf.load(tmp_path / "fit" / "version_0" / "checkpoints" / "last.safetensors")["params"]
     for a, b in zip(lf.tree.leaves(fit_params), lf.tree.leaves(state.params)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_ensemble_lr_sweep_trains_every_rate_and_picks_the_best(tmp_path, mnist_dir, capsys):
+    out = tmp_path / "sweep"
+    lrs = [1e-5, 1e-3, 1e-2]
+    argv = ["--data-dir", str(mnist_dir), "--out", str(out), "--max-epochs", "2", "--limit-train-batches", "8",
+            "--lrs", ",".join(map(str, lrs)), *EAGER]
+    assert ensemble.main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = _rows(out / "version_0" / "metrics.csv")
+    assert max(int(r["step"]) for r in rows) == 16
+    # each member trained with its own rate, logged as the mean and per member
+    assert _column(rows, "lr/member_1")[-1] == pytest.approx(1e-3, rel=1e-6)
+    assert _column(rows, "lr")[-1] == pytest.approx(sum(lrs) / 3, rel=1e-6)
+    final = [_column(rows, f"val/loss/member_{i}")[-1] for i in range(3)]
+    assert _column(rows, "val/loss")[-1] == pytest.approx(sum(final) / 3, rel=1e-5)
+    assert final[0] > final[1] and final[0] > 2.0  # 1e-5 barely moves in 16 steps; 1e-3 learns
+    # the printed table is a fresh evaluation of the whole validation set: the last logged values
+    for lr, loss in zip(lrs, final):
+        line = next(ln for ln in printed.splitlines() if ln.split() and ln.split()[0] == f"{lr:.0e}")
+        assert float(line.split()[1]) == pytest.approx(loss, abs=1e-4)
+    best = min(range(3), key=final.__getitem__)
+    assert f"best lr {lrs[best]:g} (member {best})" in printed
 
 
 # ---------------------------------------------------------------------------- the main job, compiled

@@ -17,7 +17,11 @@ Names it logs:
 - several (``multi_transform``, or a state holding several optimizers, e.g. a GAN's
   ``{"g": ..., "d": ...}``): ``"lr/<path>"``, the pytree path of each rate with brackets
   and quotes dropped and parts joined by ``/``, e.g. ``"lr/g"`` and ``"lr/d"``. Positions in
-  a ``chain`` (bare integers) are left out when the names stay distinct without them.
+  a ``chain`` (bare integers) are left out when the names stay distinct without them;
+- an ``lf.ensemble`` state whose members' rates differ (a sweep built with
+  ``lf.optim.inject_hyperparams``, each rate of shape ``(K,)``): the name above holds the
+  mean over members and ``"<name>/member_<i>"`` each member's rate; when all members share
+  one rate, just the name.
 
 >>> import lightfn as lf
 >>> monitor = lf.callbacks.LearningRateMonitor(logging_interval="step", log_every_n_steps=10)
@@ -31,6 +35,7 @@ from typing import Literal
 import torch
 
 from .. import optim as _optim
+from .._members import collapse_equal, expand
 from ..state import TrainState
 from .base import Callback, Context, Signal
 from .early_stopping import MisconfigurationError
@@ -66,6 +71,12 @@ def lr_log_names(paths: list[str], prefix: str = "lr") -> dict[str, str]:
     if len(set(out.values())) != len(out):  # unusual keys: fall back to the raw paths
         out = {p: f"{prefix}/{p}" for p in paths}
     return out
+
+
+def _to_host(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    if len({(v.dtype, v.device) for v in values.values()}) != 1:
+        return {k: float(v) for k, v in values.items()}
+    return dict(zip(values, torch.stack([v.reshape(()) for v in values.values()]).tolist()))
 
 
 class LearningRateMonitor(Callback):
@@ -120,8 +131,17 @@ class LearningRateMonitor(Callback):
         if not rates:
             return None
         names = lr_log_names(sorted(rates))
-        # float() copies to the host (a sync): only reached at the logging interval.
-        return Signal(log={names[path]: float(rate) for path, rate in rates.items()})
+        # An ensemble's rates have shape (K,): the mean and each member's rate, or just the
+        # one value when every member uses the same rate.
+        values: dict[str, torch.Tensor] = {}
+        for path, rate in rates.items():
+            values.update(expand({names[path]: rate}))
+        # One copy to the host (a sync): only reached at the logging interval. Rates keep
+        # their dtype (float64 on most devices), so a logged rate is the one used.
+        host = _to_host(values)
+        for name in names.values():
+            host = collapse_equal(host, name)
+        return Signal(log=host)
 
     def on_fit_start(self, ctx: Context) -> Signal | None:
         self._last_logged_step = None

@@ -17,6 +17,7 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
+from .._members import is_member_name
 from .base import Callback, Context, Signal
 
 __all__ = ["ProgressBar"]
@@ -50,7 +51,7 @@ class ProgressBar(Callback):
         if loss is not None:
             out["loss"] = _fmt(loss)
         for name in sorted(m):
-            if name.startswith("val/"):
+            if name.startswith("val/") and not is_member_name(name):
                 out[name] = _fmt(m[name])
         return out
 

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Mapping
 from typing import IO
 
+from .._members import is_member_name
 from .base import Callback, Context, Signal
 
 __all__ = ["ProgressLog", "epoch_line"]
@@ -31,8 +32,10 @@ __all__ = ["ProgressLog", "epoch_line"]
 
 def epoch_line(epoch: int, max_epochs: int | None, step: int, metrics: Mapping[str, float], elapsed: float) -> str:
     """The line for a finished epoch (``epoch`` counted from 0, shown from 1)."""
+    # An ensemble's members are left to the loggers: the line shows their means.
     shown = [f"{name}={metrics[name]:.4g}" for name in sorted(metrics)
-             if (name.startswith("train/") and name.endswith("_epoch")) or name.startswith("val/")]
+             if ((name.startswith("train/") and name.endswith("_epoch")) or name.startswith("val/"))
+             and not is_member_name(name)]
     total = "" if max_epochs is None else f"/{max_epochs}"
     return "  ".join([f"epoch {epoch + 1}{total}", f"step {step}", *shown, f"{elapsed:.1f}s"])
 
