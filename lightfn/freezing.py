@@ -43,7 +43,7 @@ Trainable = Union[Any, Callable[[tree.KeyPath, Any], bool]]
 def _check_bool(path: tree.KeyPath, value: Any, what: str) -> None:
     if not isinstance(value, bool):
         raise StepError(
-            f"trainable: {what} for params{tree.keystr(path)} is a {type(value).__name__}, expected a Python bool "
+            f"trainable: {what} for params{tree.keystr(path)} must be a Python bool, got {type(value).__name__} "
             "(which params train is decided once, statically; tensors are not allowed)"
         )
 
