@@ -98,14 +98,17 @@ def split_leaves(params: tree.PyTree, trainable: Trainable) -> tuple[list[Any], 
     ``torch.func`` differentiates with respect to the list: it takes ``None`` for a leaf,
     so the ``None``-holed part cannot be handed to it directly.
     """
-    keep = tree.leaves(trainable_mask(params, trainable))
-    flat, treedef = tree.flatten(params)
+    # Flatten the trainable part itself, not the mask: under torch.compile the bool mask
+    # can only be flattened by torch's pytree, whose dict order may differ from optree's.
+    # Eagerly None is an empty node; under compile it is a leaf, skipped here.
+    train_part, frozen_part = partition(params, trainable)
+    flat, treedef = tree.flatten(train_part)
 
-    def fill(new: list[Any], frozen: bool) -> Any:
+    def to_part(new: list[Any]) -> Any:
         it = iter(new)
-        return tree.unflatten(treedef, [next(it) if k else (x if frozen else None) for k, x in zip(keep, flat)])
+        return tree.unflatten(treedef, [None if x is None else next(it) for x in flat])
 
-    return [x for k, x in zip(keep, flat) if k], lambda new: fill(new, True), lambda new: fill(new, False)
+    return [x for x in flat if x is not None], lambda new: combine(to_part(new), frozen_part), to_part
 
 
 def combine(trainable_part: tree.PyTree, frozen_part: tree.PyTree) -> tree.PyTree:

@@ -230,16 +230,19 @@ def test_fit_clipping_reinitializes_only_the_trainable_opt_state():
 
 @pytest.mark.compile
 def test_compiled_matches_eager():
+    # Both forms: a path predicate (paths must read the same inside the trace) and a dict
+    # whose insertion order ("0.weight" before "0.bias") is not optree's sorted order.
     _, loss_fn, params = cnn_problem()
     opt = lf.optim.adam(1e-2)
-    step = lf.train_step(loss_fn, opt, trainable=frozen_pred)
-    fresh = lf.TrainState.create(params=params, optimizer=opt, trainable=frozen_pred)
-    eager = train(step, fresh, batches(3))
-    compiled = train(lf.jit(step), fresh, batches(3))
-    for a, b in zip(lf.tree.leaves(compiled), lf.tree.leaves(eager)):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-    for k in FROZEN:
-        assert torch.equal(compiled.params[k], params[k])
+    for trainable in (frozen_pred, {k: k not in FROZEN for k in params}):
+        step = lf.train_step(loss_fn, opt, trainable=trainable)
+        fresh = lf.TrainState.create(params=params, optimizer=opt, trainable=trainable)
+        eager = train(step, fresh, batches(3))
+        compiled = train(lf.jit(step), fresh, batches(3))
+        for a, b in zip(lf.tree.leaves(compiled), lf.tree.leaves(eager)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+        for k in FROZEN:
+            assert torch.equal(compiled.params[k], params[k])
 
 
 # ----------------------------------------------------------------------------- eval-mode submodules
