@@ -16,6 +16,7 @@ from .export import export, export_aot, export_onnx
 from .fit import fit
 from .errors import FitError, PrivacyError
 from .module import functionalize
+from .freezing import combine, partition
 from .per_sample import per_sample_grad
 from .predict import predict
 from .state import LossScale, TrainState
@@ -54,6 +55,8 @@ __all__ = [
     "EvalStep",
     "train_step",
     "eval_step",
+    "partition",
+    "combine",
     # the loop
     "fit",
     "validate",

@@ -260,7 +260,7 @@ def configure_steps(step: Any, state: Any, eval_step: Any, precision: str | None
         if accumulate > 1:
             opt = optim.multi_steps(opt, accumulate)
         step = step.replace(optimizer=opt)
-        state = state.replace(opt_state=opt.init(state.params))
+        state = state.replace(opt_state=step.init_opt_state(state.params))
     if precision is not None:
         step = step.replace(precision=precision)
         if isinstance(eval_step, EvalStep):

@@ -16,13 +16,23 @@ Train/eval mode is an explicit keyword of ``apply`` (``train=``), defaulting to 
 module's mode when it was functionalized; the caller's module is never switched. A module
 whose ``forward`` has its own ``train`` parameter is refused (a ``train=`` keyword could
 never reach it); ``mode_keyword=`` gives the switch another name.
+
+Fine-tuning with a frozen backbone usually wants the backbone's BatchNorm (and Dropout)
+in eval mode while the head trains: ``eval_modules=`` names submodules that stay in eval
+mode even under ``train=True``, so their running statistics are read, never updated::
+
+    apply, params, buffers = lf.functionalize(model, with_state=True, eval_modules=["backbone"])
+    frozen_backbone = lambda path, leaf: not path[0].startswith("backbone.")
+    step = lf.train_step(loss_fn, opt, with_state=True, trainable=frozen_backbone)
+
+(If every BatchNorm is in an eval module, ``with_state`` is not needed.)
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -34,7 +44,7 @@ from .errors import StepError
 __all__ = ["functionalize"]
 
 
-def _skeleton(module: nn.Module, train: bool) -> nn.Module:
+def _skeleton(module: nn.Module, train: bool, eval_modules: tuple[str, ...]) -> nn.Module:
     # A tensor-free copy of the module in the requested mode: functional_call swaps every
     # parameter and buffer in, so the copy needs structure, not memory. Meta stand-ins go
     # through deepcopy's memo so tied weights stay one object (module.to("meta") unties).
@@ -43,13 +53,31 @@ def _skeleton(module: nn.Module, train: bool) -> nn.Module:
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
     for b in module.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
-    skel = copy.deepcopy(module, memo)
-    return skel.train(train)
+    skel = copy.deepcopy(module, memo).train(train)
+    for name in eval_modules:
+        skel.get_submodule(name).eval()
+    return skel
 
 
-def _has_running_stats(module: nn.Module) -> bool:
+def _check_eval_modules(module: nn.Module, eval_modules: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(eval_modules, str):
+        raise StepError(f"lf.functionalize: eval_modules must be a list of submodule names, got the string {eval_modules!r}")
+    names = tuple(eval_modules)
+    known = dict(module.named_modules())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        tops = sorted(n for n in known if n and "." not in n)
+        raise StepError(
+            f"lf.functionalize: eval_modules {unknown} are not submodules of {type(module).__name__}; names are "
+            f"dotted as in named_modules() (its top-level ones: {tops})"
+        )
+    return names
+
+
+def _updates_running_stats(module: nn.Module) -> bool:
+    """Whether a forward in ``module``'s current modes would update BatchNorm statistics."""
     return any(
-        isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in module.modules()
+        isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training for m in module.modules()
     )
 
 
@@ -85,7 +113,7 @@ def _check_mode_keyword(module: nn.Module, mode_keyword: str) -> None:
 
 
 def functionalize(
-    module: nn.Module, *, with_state: bool = False, mode_keyword: str = "train"
+    module: nn.Module, *, with_state: bool = False, mode_keyword: str = "train", eval_modules: Iterable[str] = ()
 ) -> tuple[Callable[..., Any], dict[str, torch.Tensor]] | tuple[Callable[..., Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Turn ``module`` into ``(apply, params)`` (or ``(apply, params, buffers)``).
 
@@ -99,6 +127,10 @@ def functionalize(
             module whose ``forward`` takes a parameter of that name is refused; pick
             another name to keep forward's own. (A ``forward(**kwargs)`` cannot be checked:
             ``apply`` takes ``train=`` for itself there.)
+        eval_modules: names of submodules (dotted, as in ``named_modules()``) that run in
+            eval mode even when ``apply`` runs in training mode: a frozen backbone's
+            BatchNorm reads its running statistics instead of updating them, its Dropout
+            is off.
 
     Returns:
         ``apply(params, *args, train=<module.training>, **kwargs)`` and ``params``, a dict
@@ -107,10 +139,11 @@ def functionalize(
     if not isinstance(module, nn.Module):
         raise StepError(f"lf.functionalize expects an nn.Module, got {type(module).__name__}")
     _check_mode_keyword(module, mode_keyword)
+    eval_names = _check_eval_modules(module, eval_modules)
     default_train = module.training
     params = {k: v.detach().clone() for k, v in module.named_parameters()}
     buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
-    skeletons = {mode: _skeleton(module, mode) for mode in (True, False)}
+    skeletons = {mode: _skeleton(module, mode, eval_names) for mode in (True, False)}
     param_keys, buffer_keys = frozenset(params), frozenset(buffers)
 
     if with_state:
@@ -128,14 +161,14 @@ def functionalize(
         apply_with_state.__doc__ = f"Pure apply of {type(module).__name__}: (params, buffers, *args, {mode_keyword}=...) -> (out, buffers)."
         return apply_with_state, params, buffers
 
-    if default_train and _has_running_stats(module):
+    updates_buffers_in_training = _updates_running_stats(skeletons[True])
+    if default_train and updates_buffers_in_training:
         raise StepError(
             f"{type(module).__name__} has BatchNorm running statistics that training would update in place; "
             "use lf.functionalize(module, with_state=True) to carry them as explicit state, "
             "or functionalize a module in eval mode (module.eval()) to use them as constants"
         )
     frozen = dict(buffers)
-    updates_buffers_in_training = _has_running_stats(module)
 
     def apply(p: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         train = kwargs.pop(mode_keyword, default_train)

@@ -23,6 +23,7 @@ from . import random as lf_random
 from . import tree
 from .errors import StepError
 from .optim import GradientTransformation
+from .freezing import partition
 
 __all__ = ["TrainState", "LossScale"]
 
@@ -85,10 +86,13 @@ class TrainState:
         buffers: Any = None,
         loss_scale: LossScale | None = None,
         extra: dict[str, Any] | None = None,
+        trainable: Any = None,
     ) -> "TrainState":
         """A fresh state: step 0, ``optimizer.init(params)``, an RNG key from ``seed``.
 
-        Tensors are put on the device of the first parameter.
+        Tensors are put on the device of the first parameter. With ``trainable`` (the
+        same value given to ``lf.train_step(..., trainable=...)``), the optimizer state is
+        ``optimizer.init`` of the trainable params only: frozen params get no moments.
         """
         bad = [(p, x) for p, x in tree.leaves_with_path(params) if not isinstance(x, torch.Tensor)]
         if bad:
@@ -106,7 +110,7 @@ class TrainState:
         return cls(
             step=torch.zeros((), dtype=torch.int64, device=device),
             params=params,
-            opt_state=optimizer.init(params),
+            opt_state=optimizer.init(params if trainable is None else partition(params, trainable)[0]),
             rng=lf_random.key(seed, device=device),
             buffers={} if buffers is None else buffers,
             loss_scale=loss_scale,

@@ -21,6 +21,15 @@ Precision uses Lightning's names: ``"32-true"`` (default), ``"bf16-mixed"`` and
 ``"bf16-true"``/``"16-true"``/``"64-true"`` (params stored in that dtype; see
 :meth:`TrainStep.prepare_state`).
 
+``trainable=`` trains a subset of the params (fine-tuning a head on a frozen backbone): a
+bool pytree prefix of the params or a predicate ``(key_path, leaf) -> bool`` (see
+:mod:`lightfn.freezing`). Gradients are taken with respect to the trainable leaves only;
+frozen leaves enter ``loss_fn`` as constants and come back as the very same tensors, and
+the optimizer state covers the trainable leaves only, so build the state with the same
+``trainable=``: ``lf.TrainState.create(params=..., optimizer=opt, trainable=...)``.
+Frozen BatchNorm layers keep updating their running statistics in training mode; to keep
+them in eval mode, functionalize with ``lf.functionalize(model, eval_modules=["backbone"])``.
+
 >>> import torch, lightfn as lf
 >>> def loss_fn(params, batch):
 ...     x, y = batch
@@ -46,10 +55,11 @@ import torch
 from . import random as lf_random
 from . import tree
 from ._diagnostics import describe
-from .errors import StepError
+from .errors import StepError, TreeError
 from .metrics import Sum, check_states
 from .optim import GradientTransformation, apply_updates
-from .optim._checks import with_types_of
+from .optim._checks import StateMismatchError, with_types_of
+from .freezing import partition, split_leaves
 from .state import LossScale, TrainState
 from .transforms import value_and_grad
 
@@ -141,6 +151,11 @@ class TrainStep:
     step's precision and inside ``rng_scope(key)``, and ``key`` is the step's key.
     :func:`lightfn.privacy.dp_train_step` computes clipped, noised per-sample gradients
     here; the optimizer update and the rest of the step are shared.
+
+    ``trainable`` (``None``: all params train) restricts training to a subset; with it,
+    ``grad_transform``'s grads and the optimizer's updates and state are the trainable
+    part only (the params' structure, ``None`` at frozen leaves), and ``grad_fn`` gets the
+    trainable leaves as a flat list (``torch.func`` cannot differentiate a ``None`` leaf).
     """
 
     loss_fn: Callable[..., Any]
@@ -149,6 +164,7 @@ class TrainStep:
     precision: str = "32-true"
     grad_transform: Callable[[Any], Any] | None = None
     grad_fn: Callable[..., Any] | None = None
+    trainable: Any = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         _check_precision(self.precision)
@@ -162,6 +178,10 @@ class TrainStep:
 
     def replace(self, **changes: Any) -> "TrainStep":
         return dataclasses.replace(self, **changes)
+
+    def init_opt_state(self, params: Any) -> Any:
+        """``optimizer.init`` of the params this step trains (all of them without ``trainable``)."""
+        return self.optimizer.init(params if self.trainable is None else partition(params, self.trainable)[0])
 
     def prepare_state(self, state: TrainState) -> TrainState:
         """Adapt a fresh state to this step's precision: cast params (and optimizer state)
@@ -199,16 +219,28 @@ class TrainStep:
             # torch.func's aux must be tensors only: no buffers is an empty dict, not None.
             return scaled, (loss, metrics, {} if new_buffers is None else new_buffers)
 
-        if self.grad_fn is None:
-            (_, (loss, metrics, new_buffers)), grads = value_and_grad(objective, has_aux=True)(state.params, batch, key)
+        if self.trainable is None:
+            diff_in, loss_of = state.params, objective
         else:
-            (loss, metrics, new_buffers), grads = self.grad_fn(objective, state.params, batch, key)
+            # Differentiate w.r.t. the trainable leaves only: frozen leaves are closed over as
+            # constants, so autograd never computes (or backpropagates towards) their grads.
+            diff_in, to_params, to_part = split_leaves(state.params, self.trainable)
+            loss_of = lambda p, b, k: objective(to_params(p), b, k)  # noqa: E731
+        if self.grad_fn is None:
+            (_, (loss, metrics, new_buffers)), grads = value_and_grad(loss_of, has_aux=True)(diff_in, batch, key)
+        else:
+            (loss, metrics, new_buffers), grads = self.grad_fn(loss_of, diff_in, batch, key)
+        params_in = state.params
+        if self.trainable is not None:  # the optimizer sees the trainable part, None at frozen leaves
+            params_in, grads = to_part(diff_in), to_part(grads)
         if scale is not None:
             grads = tree.map(lambda g: g / scale.to(g.dtype) if g.is_floating_point() else g, grads)
         if self.grad_transform is not None:
             grads = self.grad_transform(grads)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = apply_updates(state.params, updates)
+        updates, opt_state = self._update(grads, state.opt_state, params_in)
+        params = apply_updates(params_in, updates)
+        if self.trainable is not None:
+            params = to_params(tree.leaves(params))
         buffers = new_buffers if self.with_state else state.buffers
         loss_scale = state.loss_scale
         if scaling:
@@ -221,6 +253,18 @@ class TrainStep:
         if scaling:
             out["loss_scale"] = state.loss_scale.scale.detach()
         return new_state, out
+
+    def _update(self, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+        if self.trainable is None or torch.compiler.is_compiling():
+            return self.optimizer.update(grads, opt_state, params)
+        try:
+            return self.optimizer.update(grads, opt_state, params)
+        except (TreeError, StateMismatchError) as e:
+            raise StepError(
+                f"{e}\nThis step trains a subset of the params (trainable=...), so its optimizer state must cover "
+                "that subset only: create the state with lf.TrainState.create(params=..., optimizer=opt, "
+                "trainable=<the step's trainable>) (or opt_state=step.init_opt_state(params))."
+            ) from e
 
 
 def _update_loss_scale(ls: LossScale, finite: torch.Tensor) -> LossScale:
@@ -269,15 +313,22 @@ def train_step(
     precision: str = "32-true",
     grad_transform: Callable[[Any], Any] | None = None,
     grad_fn: Callable[..., Any] | None = None,
+    trainable: Any = None,
 ) -> TrainStep:
     """Build the pure step ``(state, batch) -> (new_state, metrics)`` for ``loss_fn``.
 
     See the module docstring for the forms ``loss_fn`` may take and what precision means,
     and :class:`TrainStep` for ``grad_transform`` and ``grad_fn``.
+
+    ``trainable`` trains only part of the params: a pytree of Python bools with the params'
+    structure or a prefix of it (``{"backbone": False, "head": True}``), or a predicate
+    ``trainable(key_path, leaf) -> bool`` with ``key_path`` as in
+    :func:`lightfn.tree.leaves_with_path`. Frozen params stay bit-identical, get no
+    gradient and no optimizer state; create the state with the same ``trainable=``.
     """
     return TrainStep(
         loss_fn=loss_fn, optimizer=optimizer, with_state=with_state, precision=precision,
-        grad_transform=grad_transform, grad_fn=grad_fn,
+        grad_transform=grad_transform, grad_fn=grad_fn, trainable=trainable,
     )
 
 

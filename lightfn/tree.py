@@ -75,7 +75,25 @@ def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf: Callable[[
 
 def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> PyTree:
     """Like :func:`map`, but ``fn(path, leaf, *rest_leaves)`` also gets the leaf's key path."""
+    if _compiling():
+        # dynamo traces this through torch's pytree, whose paths hold key-entry objects
+        # (MappingKey('w')); give fn the plain keys it gets eagerly, so a predicate on the
+        # path (train_step's trainable=) decides the same way compiled and eager.
+        def plain(path: Any, *leaves: Any) -> Any:
+            return fn(tuple(_plain_key(k) for k in path), *leaves)
+
+        return torch_pytree.tree_map_with_path(plain, tree, *rest, is_leaf=is_leaf)
     return optree.tree_map_with_path(fn, tree, *rest, is_leaf=is_leaf, namespace=NAMESPACE)
+
+
+def _plain_key(k: Any) -> Any:
+    if isinstance(k, torch_pytree.MappingKey):
+        return k.key
+    if isinstance(k, torch_pytree.SequenceKey):
+        return k.idx
+    if isinstance(k, torch_pytree.GetAttrKey):
+        return k.name
+    return k
 
 
 def _compiling() -> bool:
