@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = example_parser(__doc__.splitlines()[0], "dp_mnist", max_epochs=15, batch_size=256, lr=0.5)
     parser.add_argument("--hidden", type=int, default=128, help="hidden units (default 128)")
     parser.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C (default 1.0)")
-    parser.add_argument("--noise", type=float, default=1.0, help="noise multiplier sigma: noise std is sigma * C (default 1.0)")
+    parser.add_argument("--noise", type=float, default=1.1, help="noise multiplier sigma: noise std is sigma * C (default 1.1)")
     parser.add_argument("--delta", type=float, default=1e-5, help="delta of (epsilon, delta)-DP (default 1e-5)")
     parser.add_argument("--target-epsilon", type=float, default=None, help="stop before epsilon exceeds this")
     args = parser.parse_args(argv)

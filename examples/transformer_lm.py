@@ -98,7 +98,7 @@ class Perplexity(lf.callbacks.Callback):
 
     def on_validation_end(self, ctx: lf.callbacks.Context) -> lf.callbacks.Signal | None:
         nll, tokens = ctx.metrics.get("val/nll_sum"), ctx.metrics.get("val/tokens")
-        if nll is None or not tokens:
+        if ctx.stage == "sanity" or nll is None or not tokens:  # fit's sanity pass is not logged
             return None
         return lf.callbacks.Signal(log={"val/ppl": math.exp(nll / tokens)})
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     state = lf.TrainState.create(params=params, optimizer=opt, seed=args.seed)
     logger = lf.loggers.CSVLogger(args.out, name="")
     perplexity = Perplexity()
-    checkpoint = lf.callbacks.ModelCheckpoint(logger.log_dir / "checkpoints", monitor="val/ppl", save_last=True)
+    checkpoint = lf.callbacks.ModelCheckpoint(logger.log_dir / "checkpoints", monitor="val/loss", save_last=True)
     printer = lf.callbacks.ProgressLog(max_epochs=args.max_epochs)
 
     how = "eagerly" if args.no_jit else "compiled with lf.jit (the first steps include compilation)"
