@@ -283,7 +283,7 @@ def test_dp_mnist_spends_the_budget_it_reports(tmp_path, mnist_dir, capsys):
 
     # a target epsilon stops the run before it is exceeded
     budget = lf.privacy.max_steps(noise_multiplier=1.1, sample_rate=256 / 9000, delta=1e-5, target_epsilon=1.0)
-    assert dp_mnist.main([*argv[:2], str(tmp_path / "dp2"), *argv[4:], "--max-epochs", "50", "--target-epsilon", "1.0"]) == 0
+    assert dp_mnist.main([*argv[:2], "--out", str(tmp_path / "dp2"), *argv[4:], "--max-epochs", "50", "--target-epsilon", "1.0"]) == 0
     assert f"trained {budget} DP-SGD steps" in capsys.readouterr().out
 
 
@@ -298,7 +298,7 @@ def test_maml_beats_joint_pretraining_after_adaptation(tmp_path, capsys):
         if len(parts) == 3 and parts[0] in {"0", "1", "5", "10"}:
             table[int(parts[0])] = (float(parts[1]), float(parts[2]))
     assert sorted(table) == [0, 1, 5, 10]
-    maml, baseline = zip(*(table[k] for k in (0, 1, 5, 10)))
+    maml, baseline = ({k: v[i] for k, v in table.items()} for i in (0, 1))
     assert maml[1] < maml[0]  # one SGD step on 10 points helps the meta-learned init
     assert maml[1] < baseline[1] and maml[5] < baseline[5]
     for name in ("maml", "baseline"):
