@@ -40,7 +40,7 @@ def mlp(hidden: int) -> nn.Sequential:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = example_parser(__doc__.splitlines()[0], "dp_mnist", max_epochs=15, batch_size=256, lr=0.5)
+    parser = example_parser(__doc__.splitlines()[0], "dp_mnist", max_epochs=15, batch_size=256, lr=0.1)
     parser.add_argument("--hidden", type=int, default=128, help="hidden units (default 128)")
     parser.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C (default 1.0)")
     parser.add_argument("--noise", type=float, default=1.1, help="noise multiplier sigma: noise std is sigma * C (default 1.1)")

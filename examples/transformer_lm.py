@@ -171,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
 
     train = lf.data.ArrayLoader((train_x, train_y), batch_size=args.batch_size, seed=args.seed)
     val = lf.data.ArrayLoader((val_x, val_y), batch_size=64, shuffle=False, drop_last=False)
-    batches = len(train) if args.limit_train_batches is None else min(len(train), int(args.limit_train_batches)
-                                                                      if isinstance(args.limit_train_batches, int)
-                                                                      else int(len(train) * args.limit_train_batches))
+    # the schedule counts optimizer updates: batches per epoch (after --limit-train-batches) / accumulate
+    limit = args.limit_train_batches
+    batches = len(train) if limit is None else min(len(train), limit if isinstance(limit, int) else int(len(train) * limit))
     updates = max(args.warmup + 1, args.max_epochs * batches // args.accumulate)
     schedule = lf.optim.linear_warmup_cosine_decay(args.lr, min(args.warmup, updates - 1), updates, end_lr=args.lr / 20)
     opt = lf.optim.multi_steps(
