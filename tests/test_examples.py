@@ -28,10 +28,13 @@ sys.path.insert(0, str(EXAMPLES))  # the examples import their helpers as top-le
 import _data  # noqa: E402
 import autoencoder  # noqa: E402
 import custom_loop  # noqa: E402
+import dp_mnist  # noqa: E402
 import ensemble  # noqa: E402
 import export  # noqa: E402
 import gan  # noqa: E402
+import maml_sine  # noqa: E402
 import mnist_classifier  # noqa: E402
+import transformer_lm  # noqa: E402
 
 sys.path.remove(str(EXAMPLES))
 EAGER = ["--no-jit", "--no-download"]
@@ -252,6 +255,78 @@ def test_ensemble_lr_sweep_trains_every_rate_and_picks_the_best(tmp_path, mnist_
         assert float(line.split()[1]) == pytest.approx(loss, abs=1e-4)
     best = min(range(3), key=final.__getitem__)
     assert f"best lr {lrs[best]:g} (member {best})" in printed
+
+
+def test_transformer_lm_perplexity_is_token_level_and_sampling_is_reproducible(tmp_path, capsys):
+    corpus = transformer_lm.builtin_corpus(seed=0)
+    assert corpus == transformer_lm.builtin_corpus(seed=0) and 30_000 < len(corpus) < 80_000
+    argv = ["--out", str(tmp_path / "lm"), "--max-epochs", "2", "--limit-train-batches", "8", "--limit-val-batches", "1",
+            "--sample-chars", "40", "--warmup", "2", *EAGER]
+    assert transformer_lm.main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = _rows(tmp_path / "lm" / "version_0" / "metrics.csv")
+    nll, tokens, ppl = (_column(rows, f"val/{n}") for n in ("nll_sum", "tokens", "ppl"))
+    assert len(ppl) == 2 and ppl[1] < ppl[0] < 37  # learning, and better than a uniform guess over 37 characters
+    assert tokens == [64.0, 64.0]  # tokens per row: the window length
+    assert ppl == pytest.approx([math.exp(a / b) for a, b in zip(nll, tokens)], rel=1e-6)
+    # 16 steps with 2 batches per update: the optimizer (AdamW inside multi_steps) updated 8 times
+    state = lf.load(tmp_path / "lm" / "version_0" / "checkpoints" / "last.safetensors")
+    assert int(state["step"]) == 16 and int(state["opt_state"]["gradient_step"]) == 8
+    assert "val perplexity" in printed and "sample (temperature 0.8): '3 plus 4 is" in printed
+
+    # sampling is a pure function of the params and the key: the same key, the same text
+    torch.manual_seed(0)
+    model = transformer_lm.CharTransformer(37, context=16, width=16, heads=4, layers=1, dropout=0.1)
+    apply, params = lf.functionalize(model)
+    draw = lambda seed: transformer_lm.sample(apply, params, [1, 2], 24, context=16, temperature=1.0, key=lf.random.key(seed))  # noqa: E731
+    assert draw(0) == draw(0) != draw(1)
+
+
+def test_perplexity_is_exp_of_total_nll_over_total_tokens():
+    # unequal batches: the ratio of row-weighted means of per-row sums is the set's NLL per token
+    nll = [torch.tensor([2.0, 3.0, 1.0]), torch.tensor([5.0])]  # per-row NLL sums, batches of 3 and 1 rows
+    tokens = [torch.tensor([4.0, 4.0, 2.0]), torch.tensor([6.0])]
+    rows = sum(len(b) for b in nll)
+    metrics = {"val/nll_sum": float(sum(b.sum() for b in nll)) / rows, "val/tokens": float(sum(b.sum() for b in tokens)) / rows}
+    ctx = lf.callbacks.Context(state=None, step=0, epoch=0, batch_idx=0, metrics=metrics)
+    signal = transformer_lm.Perplexity().on_validation_end(ctx)
+    assert signal.log["val/ppl"] == pytest.approx(math.exp(11.0 / 16.0), rel=1e-12)
+
+
+def test_dp_mnist_spends_the_budget_it_reports(tmp_path, mnist_dir, capsys):
+    argv = ["--data-dir", str(mnist_dir), "--out", str(tmp_path / "dp"), "--max-epochs", "3", "--limit-train-batches", "6",
+            "--limit-val-batches", "1", "--hidden", "32", *EAGER]
+    assert dp_mnist.main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = _rows(tmp_path / "dp" / "version_0" / "metrics.csv")
+    acc, eps = _column(rows, "val/acc"), _column(rows, "privacy/epsilon")
+    assert len(acc) == 3 and acc[-1] > 0.3  # chance is 0.1
+    expected = [lf.privacy.epsilon(noise_multiplier=1.1, sample_rate=256 / 9000, steps=s, delta=1e-5) for s in (6, 12, 18)]
+    assert eps == pytest.approx(expected, rel=1e-9) and eps[0] < eps[1] < eps[2]
+    assert f"epsilon {expected[-1]:.3f} at delta 1e-05" in printed
+
+    # a target epsilon stops the run before it is exceeded
+    budget = lf.privacy.max_steps(noise_multiplier=1.1, sample_rate=256 / 9000, delta=1e-5, target_epsilon=1.0)
+    assert dp_mnist.main([*argv[:2], "--out", str(tmp_path / "dp2"), *argv[4:], "--max-epochs", "50", "--target-epsilon", "1.0"]) == 0
+    assert f"trained {budget} DP-SGD steps" in capsys.readouterr().out
+
+
+def test_maml_beats_joint_pretraining_after_adaptation(tmp_path, capsys):
+    argv = ["--out", str(tmp_path / "maml"), "--max-epochs", "1", "--limit-train-batches", "150", "--tasks", "3750",
+            "--eval-tasks", "200", "--no-jit"]
+    assert maml_sine.main(argv) == 0
+    printed = capsys.readouterr().out
+    table = {}
+    for line in printed.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in {"0", "1", "5", "10"}:
+            table[int(parts[0])] = (float(parts[1]), float(parts[2]))
+    assert sorted(table) == [0, 1, 5, 10]
+    maml, baseline = ({k: v[i] for k, v in table.items()} for i in (0, 1))
+    assert maml[1] < maml[0]  # one SGD step on 10 points helps the meta-learned init
+    assert maml[1] < baseline[1] and maml[5] < baseline[5]
+    for name in ("maml", "baseline"):
+        assert len(_column(_rows(tmp_path / "maml" / name / "version_0" / "metrics.csv"), "val/loss")) == 1
 
 
 # ---------------------------------------------------------------------------- the main job, compiled
