@@ -54,14 +54,12 @@ def reduce_scatter_sum(x: torch.Tensor, world_size: int, group_name: str) -> tor
     return _ops.wait_tensor(_ops.reduce_scatter_tensor(x.contiguous(), "sum", world_size, group_name))
 
 
-def bucketed_mean(grads: Any, world_size: int, group_name: str, upcast_bf16: bool) -> Any:
-    """The mean over ranks of every tensor leaf of ``grads``: one collective per dtype.
-
-    Leaves are flattened into one buffer per (dtype, device), all-reduced with a sum,
-    divided by ``world_size`` and split back into the original shapes. Non-tensor leaves
-    pass through unchanged.
-    """
-    leaves, treedef = tree.flatten(grads)
+def _in_buckets(values: Any, reduce_flat: Callable[[torch.Tensor], torch.Tensor], upcast_bf16: bool) -> Any:
+    """``values`` with its tensor leaves concatenated into one flat buffer per (dtype,
+    device), each buffer replaced by ``reduce_flat(buffer)`` and split back into the leaves'
+    shapes and dtypes (bfloat16 buffers in float32 with ``upcast_bf16``: gloo has no
+    bfloat16 sum). Non-tensor leaves pass through."""
+    leaves, treedef = tree.flatten(values)
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, x in enumerate(leaves):
         if isinstance(x, torch.Tensor):
@@ -71,12 +69,20 @@ def bucketed_mean(grads: Any, world_size: int, group_name: str, upcast_bf16: boo
         flat = torch.cat([leaves[i].reshape(-1) for i in idx])
         if upcast_bf16 and dtype in _GLOO_UPCAST:
             flat = flat.float()
-        flat = all_reduce_sum(flat, group_name) / world_size
-        flat = flat.to(dtype)
-        sizes = [leaves[i].numel() for i in idx]
-        for i, piece in zip(idx, torch.split(flat, sizes)):
+        flat = reduce_flat(flat).to(dtype)
+        for i, piece in zip(idx, torch.split(flat, [leaves[i].numel() for i in idx])):
             out[i] = piece.view(leaves[i].shape)
     return tree.unflatten(treedef, out)
+
+
+def bucketed_mean(grads: Any, world_size: int, group_name: str, upcast_bf16: bool) -> Any:
+    """The mean over ranks of every tensor leaf of ``grads``: one collective per dtype.
+
+    Leaves are flattened into one buffer per (dtype, device), all-reduced with a sum,
+    divided by ``world_size`` and split back into the original shapes. Non-tensor leaves
+    pass through unchanged.
+    """
+    return _in_buckets(grads, lambda flat: all_reduce_sum(flat, group_name) / world_size, upcast_bf16)
 
 
 def sum_in_buckets(values: Any, all_reduce_: Callable[[torch.Tensor], Any], *, upcast_bf16: bool = False) -> Any:
@@ -87,20 +93,13 @@ def sum_in_buckets(values: Any, all_reduce_: Callable[[torch.Tensor], Any], *, u
     precision, so int64 counts stay exact. ``upcast_bf16``: sum bfloat16 leaves in
     float32 (gloo has no bfloat16 sum). Non-tensor leaves pass through.
     """
-    leaves, treedef = tree.flatten(values)
-    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for i, x in enumerate(leaves):
-        if isinstance(x, torch.Tensor):
-            groups.setdefault((x.dtype, x.device), []).append(i)
-    out = list(leaves)
-    for (dtype, _), idx in groups.items():
-        flat = torch.cat([leaves[i].detach().reshape(-1) for i in idx])  # a new tensor: the inputs stay as they are
-        if upcast_bf16 and dtype in _GLOO_UPCAST:
-            flat = flat.float()
+
+    def reduce_flat(flat: torch.Tensor) -> torch.Tensor:
+        flat = flat.detach()  # the concatenation is a new tensor: the inputs stay as they are
         all_reduce_(flat)
-        for i, piece in zip(idx, torch.split(flat.to(dtype), [leaves[i].numel() for i in idx])):
-            out[i] = piece.view(leaves[i].shape)
-    return tree.unflatten(treedef, out)
+        return flat
+
+    return _in_buckets(values, reduce_flat, upcast_bf16)
 
 
 def all_reduce_mean(grads: Any, mesh: Mesh) -> Any:
