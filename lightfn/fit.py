@@ -46,7 +46,8 @@ from .metrics import ComputeFn
 from .runner import EvalRunner, TrainRunner, evaluate, to_host, zeros_like
 from .state import TrainState
 from .summary import summary as model_summary
-from .distributed.strategy import Spread, Strategy, setup_strategy
+from .distributed.strategy import Strategy
+from .spread import Spread, setup_strategy
 
 __all__ = ["fit", "Preempted", "FitError"]
 
@@ -204,7 +205,7 @@ def fit(
             ``gather_checkpoints=True``). A step already wrapped by
             ``lf.distributed.data_parallel``/``fully_sharded`` needs none. Each rank trains on
             its rows of every batch; rank 0 logs and writes; fsdp checkpoints are folders of
-            per-rank files. See :mod:`lightfn.distributed.strategy`.
+            per-rank files. See :mod:`lightfn.spread`.
     """
     if fast_dev_run:
         n = 1 if fast_dev_run is True else positive("fast_dev_run", fast_dev_run)

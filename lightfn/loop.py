@@ -6,7 +6,7 @@
   saved in every fit checkpoint so a resumed run continues at the exact batch.
 - :func:`resolve_device`, and :func:`preemption_signal` (SIGTERM turned into a flag the
   loop polls between steps; ranks agree on it and on stopping in
-  :meth:`lightfn.distributed.strategy.Spread.vote`).
+  :meth:`lightfn.spread.Spread.vote`).
 - What fit makes of its step and data arguments before looping: :func:`configure_steps`
   (precision, ``accumulate_grad_batches`` and ``gradient_clip_val`` applied to an
   ``lf.TrainStep``), :func:`first_batches` (``overfit_batches``), :func:`batch_dtype` and

@@ -19,7 +19,8 @@ import lightfn as lf
 from common import arg, digest, loss_fn, make_data, make_params, max_diff, write
 from lightfn.callbacks import EarlyStopping, ModelCheckpoint
 from lightfn.data import ArrayLoader
-from lightfn.distributed.strategy import Spread, Strategy, control_group
+from lightfn.distributed.strategy import Strategy
+from lightfn.spread import Spread, control_group
 from lightfn.loggers import CSVLogger
 from lightfn.optim.alias import adam
 
