@@ -11,9 +11,8 @@ from . import callbacks, data, distributed, loggers, metrics, optim, privacy, ra
 from .errors import CheckpointError, CompileError, DistributedError, ExportError, LightfnError, StepError, TreeError
 from .checkpoint import load, read_metadata, save
 from .ensemble import ensemble
-from .evaluation import test, validate
 from .export import export, export_aot, export_onnx
-from .fit import fit
+from .fit import fit, test, validate
 from .errors import FitError, PrivacyError
 from .module import functionalize
 from .freezing import combine, partition

@@ -179,6 +179,12 @@ class TrainStep:
     def replace(self, **changes: Any) -> "TrainStep":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def batch_dtype(self) -> torch.dtype | None:
+        """The dtype floating batch leaves are cast to before this step: that of a
+        ``*-true`` precision (its params hold that dtype, as in Lightning), else None."""
+        return _TRUE.get(self.precision)
+
     def init_opt_state(self, params: Any) -> Any:
         """``optimizer.init`` of the params this step trains (all of them without ``trainable``)."""
         return self.optimizer.init(params if self.trainable is None else partition(params, self.trainable)[0])
@@ -292,6 +298,12 @@ class EvalStep:
 
     def replace(self, **changes: Any) -> "EvalStep":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def batch_dtype(self) -> torch.dtype | None:
+        """The dtype floating batch leaves are cast to before this step: that of a
+        ``*-true`` precision (its params hold that dtype, as in Lightning), else None."""
+        return _TRUE.get(self.precision)
 
     def __call__(self, state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
         state = _check_state(state)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import lightfn as lf
-from lightfn import runner
+from lightfn.fit import _checks as runner
 
 
 def _problem():

@@ -17,9 +17,11 @@ from lightfn.callbacks.nan import NonFiniteLossError, TerminateOnNaN
 from lightfn.callbacks.timer import Timer, parse_duration
 
 
-def ctx(metrics=None, *, step=0, epoch=0, batch_idx=0, stage="train", elapsed=0.0, state=None) -> Context:
+def ctx(metrics=None, *, step=0, epoch=0, batch_idx=0, stage="train", elapsed=0.0, resumed=0.0, state=None) -> Context:
+    """``resumed``: seconds of the runs this one continues (fit carries them in its loop
+    position and shows ``total_elapsed = resumed + elapsed``)."""
     return Context(state=state, step=step, epoch=epoch, batch_idx=batch_idx, metrics=dict(metrics or {}),
-                   stage=stage, elapsed=elapsed)
+                   stage=stage, elapsed=elapsed, total_elapsed=resumed + elapsed)
 
 
 def run_checks(es: EarlyStopping, values, *, monitor="val/loss", start_epoch=0):
@@ -277,10 +279,11 @@ def test_timer_resume_continues_the_clock():
 
     resumed = Timer(duration=10)
     resumed.load_state_dict(saved)
-    resumed.on_fit_start(ctx(step=5, elapsed=0.0))  # the new fit's clock starts at 0
-    assert resumed.on_train_batch_end(ctx(step=6, elapsed=2.0)) is None
+    assert resumed.time_elapsed() == 7.0  # right after the resume, before any hook
+    resumed.on_fit_start(ctx(step=5, elapsed=0.0, resumed=7.0))  # the new fit's own clock starts at 0
+    assert resumed.on_train_batch_end(ctx(step=6, elapsed=2.0, resumed=7.0)) is None
     assert resumed.time_elapsed() == 9.0
-    assert resumed.on_train_batch_end(ctx(step=7, elapsed=3.5)).stop  # 7 + 3.5 >= 10
+    assert resumed.on_train_batch_end(ctx(step=7, elapsed=3.5, resumed=7.0)).stop  # 7 + 3.5 >= 10
 
 
 # ---------------------------------------------------------------- TerminateOnNaN

@@ -379,7 +379,7 @@ def test_fit_with_a_strategy_outside_torchrun_says_how_to_launch(no_torchrun, st
 
 def test_fit_strategy_arguments_are_checked(no_torchrun):
     from lightfn.distributed.strategy import Strategy
-    from lightfn.loop import FitError
+    from lightfn.errors import FitError
 
     step, state, data = _fit_args()
     with pytest.raises(FitError, match="one of \\('ddp', 'fsdp'\\), got 'zero3'"):

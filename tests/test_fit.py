@@ -428,7 +428,7 @@ def test_hand_written_step_with_a_dict_state_and_a_list_of_batches():
 
 
 def test_device_auto_and_sigterm_handler_restored():
-    from lightfn.loop import resolve_device
+    from lightfn._device import resolve_device
 
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     assert resolve_device("auto").type == expected

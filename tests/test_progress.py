@@ -135,7 +135,7 @@ def test_a_given_progress_log_is_used_and_silent_on_other_ranks(monkeypatch, cap
     run(callbacks=[ProgressLog(max_epochs=9, file=stream), record])
     assert capsys.readouterr().out == ""  # no second display added
     assert [split_elapsed(line)[0] for line in stream.getvalue().splitlines()] == expected_lines(record, "9")
-    monkeypatch.setattr(sys.modules["lightfn.spread"], "is_main", lambda: False)
+    monkeypatch.setattr(sys.modules["lightfn.fit._processes"], "is_main", lambda: False)
     stream = io.StringIO()
     run(callbacks=[ProgressLog(file=stream)])
     assert stream.getvalue() == "" and capsys.readouterr().out == ""
@@ -174,9 +174,9 @@ def test_a_given_bar_is_used_instead_of_a_default_one():
 
 
 def test_nothing_is_drawn_on_other_ranks(monkeypatch, capsys):
-    # fit asks lightfn.distributed.mesh.is_main() (through its Spread) which process logs;
+    # fit asks lightfn.distributed.mesh.is_main() (through its Processes) which process logs;
     # pretend this one is rank 1
-    monkeypatch.setattr(sys.modules["lightfn.spread"], "is_main", lambda: False)
+    monkeypatch.setattr(sys.modules["lightfn.fit._processes"], "is_main", lambda: False)
     stream = io.StringIO()
     run(progress=True, callbacks=[ProgressBar(total=4, file=stream)])
     assert stream.getvalue() == "" and capsys.readouterr().out == ""

@@ -17,9 +17,8 @@ from lightfn.checkpoint import load, save
 from lightfn.distributed.fully_sharded import ShardedParams, cut_state
 from lightfn.distributed.sharded_checkpoint import INDEX_NAME, index_contents
 from lightfn.errors import CheckpointError
-from lightfn.loop import Position
 from lightfn.optim.alias import adam
-from lightfn.resume import pack, run_metadata
+from lightfn.fit._run import Position, Run, run_metadata, to_tree
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKERS = ROOT / "tests" / "dist_workers"
@@ -110,8 +109,9 @@ def test_a_folder_index_without_a_params_tree_still_loads(tmp_path):
 
 
 def _fit_packed(sharded_state):
-    pos = Position(epoch=1, batch=2, step=7)
-    return pack(sharded_state, pos, torch.tensor([1.5, 2.0]), ["loss"], [], "0", 3.0)
+    run = Run(state=sharded_state, position=Position(epoch=1, batch=2, step=7, elapsed=3.0),
+              acc={"mean": torch.tensor([1.5, 2.0]), "sum": {}}, metric_names=("loss",), data_seed="0")
+    return to_tree(run)
 
 
 def test_a_fit_folder_loads_into_a_train_state_and_consolidates(tmp_path):

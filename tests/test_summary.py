@@ -123,6 +123,6 @@ def test_fit_prints_no_summary_when_asked_or_silenced_or_not_rank_0(capsys, monk
     assert capsys.readouterr().out == ""
     run(progress=False, summary=True)
     assert capsys.readouterr().out.splitlines()[-1] == "Total params: 14 (56 B)"
-    monkeypatch.setattr(sys.modules["lightfn.spread"], "is_main", lambda: False)
+    monkeypatch.setattr(sys.modules["lightfn.fit._processes"], "is_main", lambda: False)
     run(summary=True)
     assert capsys.readouterr().out == ""

@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -76,7 +76,9 @@ class Context:
             ``"test"`` in ``on_validation_end`` called by ``lf.validate`` / ``lf.test``
             (a standalone evaluation: not part of any run, so fit's callbacks ignore it).
         is_main: True on the process that logs and writes files (rank 0).
-        elapsed: seconds since fit started.
+        elapsed: seconds since this fit call started.
+        total_elapsed: seconds of training in the run, including the runs it was resumed
+            from (what ``max_time`` and ``lf.callbacks.Timer`` count).
         loggers: fit's loggers (``lf.loggers.Logger``), e.g. to log an image or text a
             logger supports; empty on ranks other than 0 and with ``fast_dev_run``.
         batch_metrics: in ``on_validation_batch_end``: that batch's metrics as named in the
@@ -92,6 +94,7 @@ class Context:
     stage: str = "train"
     is_main: bool = True
     elapsed: float = 0.0
+    total_elapsed: float = 0.0
     loggers: Sequence[Any] = ()
     batch_metrics: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
@@ -142,6 +145,25 @@ class Callback:
     (bit-exact), and come back on the state's device.
     """
 
+    #: What this callback stands for among the defaults fit adds: a progress display
+    #: (``"progress"``) or the learning-rate log (``"lr"``). fit adds its own default for a
+    #: role (a progress bar or line log; ``"lr"`` at its log points) only when no callback
+    #: it was given has that role.
+    role: ClassVar[str | None] = None
+
+    @property
+    def checkpoint_dir(self) -> pathlib.Path | None:
+        """The folder this callback writes checkpoints to, if any: fit's default
+        ``ckpt_dir`` (SIGTERM's ``last.safetensors``, ``resume_from="last"``) is the first
+        callback's that has one."""
+        return None
+
+    def on_announce(self, ctx: Context, text: str) -> bool:
+        """A message from fit for the person watching (the model summary, "compiling the
+        train step..."): return True when shown. fit prints it itself when no callback
+        shows it (rank 0 only)."""
+        return False
+
     @property
     def state_key(self) -> str:
         """The name this callback's state is stored under (unique per callback in a fit)."""
@@ -176,7 +198,7 @@ class Callback:
         return None
 
     def on_save_checkpoint(self, ctx: Context, path: pathlib.Path, checkpoint: Mapping[str, Any]) -> Signal | None:
-        """Fit is about to write ``checkpoint`` (the pytree :mod:`lightfn.resume` describes:
+        """Fit is about to write ``checkpoint`` (the pytree :mod:`lightfn.fit._run` describes:
         state fields, ``"loop"``, ``"callbacks"`` with every callback's state) to ``path``.
         Read it, don't change it; return ``Signal(metadata={...})`` to add JSON metadata.
         What resume needs belongs in :meth:`state_dict`, which is already in it."""

@@ -2,7 +2,7 @@
 
 Lightning's semantics, as a callback that only decides: it returns
 ``Signal(save=..., delete=...)`` and ``fit`` writes (atomically, rank 0 only) a checkpoint
-of the whole loop (state, loop position, callback states: see :mod:`lightfn.resume`).
+of the whole loop (state, loop position, callback states: see :mod:`lightfn.fit._run`).
 
 - When: every ``every_n_steps`` steps (``on_train_batch_end``), or every
   ``train_time_interval`` of training time, or else at the end of every ``every_n_epochs``
@@ -120,6 +120,10 @@ class ModelCheckpoint(Callback):
         self._last_saved_step = -1
         self._last_time_save = 0.0
         self._validation_seen = False
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.dirpath
 
     @property
     def state_key(self) -> str:

@@ -96,6 +96,8 @@ class LearningRateMonitor(Callback):
     learning rate raises :class:`MisconfigurationError` at fit start.
     """
 
+    role = "lr"
+
     def __init__(
         self,
         logging_interval: Literal["step", "epoch"] = "step",

@@ -36,6 +36,8 @@ class ProgressBar(Callback):
         leave: keep each finished epoch's bar on screen.
     """
 
+    role = "progress"
+
     def __init__(self, total: int | None = None, file: IO[str] | None = None, leave: bool = True) -> None:
         self.total = total
         self.file = file

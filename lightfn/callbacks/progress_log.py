@@ -48,6 +48,8 @@ class ProgressLog(Callback):
         file: where to print (default: ``sys.stdout`` at the time of printing).
     """
 
+    role = "progress"
+
     def __init__(self, max_epochs: int | None = None, file: IO[str] | None = None) -> None:
         self.max_epochs = max_epochs
         self.file = file
@@ -56,6 +58,11 @@ class ProgressLog(Callback):
         """Print ``line`` and flush it, so a log file being followed shows it at once."""
         out = self.file or sys.stdout
         print(line, file=out, flush=True)
+
+    def on_announce(self, ctx: Context, text: str) -> bool:
+        if ctx.is_main:
+            self.write(text)
+        return True
 
     def on_epoch_end(self, ctx: Context) -> Signal | None:
         if ctx.is_main:

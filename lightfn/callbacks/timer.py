@@ -1,8 +1,10 @@
 """Timer: measure training time and stop the run once a time budget is spent.
 
-The clock is ``ctx.elapsed`` (seconds since this ``fit`` started, kept by the loop on the
-host: no device sync). The elapsed time is part of :meth:`Timer.state_dict`, so a resumed
-run continues the clock where the checkpoint left it instead of starting a fresh budget.
+The clock is ``ctx.total_elapsed``: seconds of training kept by the loop on the host (no
+device sync), including the runs a resumed run continues (the checkpoint's loop position
+carries them), so a resumed run continues the clock where the checkpoint left it instead of
+starting a fresh budget. The value is also in :meth:`Timer.state_dict`, so
+:meth:`Timer.time_elapsed` reads right after a resume, before the first hook.
 
 >>> import lightfn as lf
 >>> timer = lf.callbacks.Timer(duration="00:12:00:00")        # 12 hours
@@ -84,19 +86,18 @@ class Timer(Callback):
         self.duration: float | None = None if duration is None else parse_duration(duration)
         self.interval = interval
         self.start_time: float | None = None  # wall-clock (time.time()) when this fit started
-        self._offset = 0.0    # time spent by earlier runs this one resumes from
-        self._elapsed = 0.0   # ctx.elapsed at the latest hook of this fit
+        self._elapsed = 0.0   # ctx.total_elapsed at the latest hook (the loop counts resumed time)
 
     def time_elapsed(self) -> float:
         """Seconds of training so far, including the runs this one resumed from."""
-        return self._offset + self._elapsed
+        return self._elapsed
 
     def time_remaining(self) -> float | None:
         """Seconds left of ``duration`` (``None`` without one)."""
         return None if self.duration is None else max(self.duration - self.time_elapsed(), 0.0)
 
     def _observe(self, ctx: Context) -> None:
-        self._elapsed = float(ctx.elapsed)
+        self._elapsed = float(ctx.total_elapsed)
 
     def _check(self, ctx: Context) -> Signal | None:
         self._observe(ctx)
@@ -136,5 +137,4 @@ class Timer(Callback):
         return {"time_elapsed": self.time_elapsed()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._offset = float(state["time_elapsed"])
-        self._elapsed = 0.0
+        self._elapsed = float(state["time_elapsed"])

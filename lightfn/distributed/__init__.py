@@ -13,7 +13,7 @@
   restorable on a different world size; :func:`consolidate` (or ``lf.load(folder)``) reads
   one back in a plain process as the full state.
 - :class:`Strategy`: ``lf.fit(..., strategy="ddp" | "fsdp" | Strategy(...))`` runs the fit
-  loop on every rank (:mod:`lightfn.spread`).
+  loop on every rank (:mod:`lightfn.fit._processes`).
 """
 
 from ._lifetime import shutdown

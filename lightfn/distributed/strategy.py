@@ -2,7 +2,7 @@
 
 A frozen config and nothing else; what fit does with it (wrapping the step and state,
 splitting the data, reducing metrics, voting, checkpoints) is fit's multi-process policy
-in :mod:`lightfn.spread`, so the sharding layer holds primitives only.
+in :mod:`lightfn.fit._processes`, so the sharding layer holds primitives only.
 """
 
 from __future__ import annotations

@@ -12,16 +12,15 @@ accumulator is the pytree ``{"mean": acc, "sum": {name: total}}``.
 When fit compiles, the step and the accumulation are ONE graph:
 ``lf.jit(train_and_accumulate, donate=True)`` with
 ``train_and_accumulate(state, acc, batch) -> (state, acc, metrics)``. The accumulator's
-layout (the metric names) must be known before that graph's first call, so the runner
-first evaluates the step *abstractly* under ``FakeTensorMode`` on the first batch: shapes
+layout (the metric names) must be known before that graph's first call, so the step is
+first evaluated the step *abstractly* under ``FakeTensorMode`` on the first batch: shapes
 and dtypes only, no computation, no side effect on the state, and the same tracing
 machinery ``torch.compile`` uses next, so a step it accepts compiles. Without compilation
 (``jit=False``) or for a step the user already wrapped in ``lf.jit``, the step runs as
 given and its metrics are accumulated after it with one fused in-place add.
 
-The first outputs are checked (a ``(state, metrics)`` pair, the state's structure, shapes
-and dtypes unchanged, every metric a scalar tensor), so a wrong step fails here with the
-offending path or metric named, not deep inside the loop.
+The first outputs are checked (:mod:`lightfn.fit._checks`), so a wrong step fails at its
+first call with the offending path or metric named.
 
 An ``lf.ensemble`` step returns metrics of shape ``(K,)``, one value per member: each
 member gets its own accumulator slot (``<name>/member_<i>``) and :func:`means` adds their
@@ -37,17 +36,16 @@ from typing import Any
 
 import torch
 
-from . import metrics as lf_metrics
-from . import tree
-from ._members import flat_names, flatten, group_means, is_member_name, state_members
-from ._diagnostics import first_line
-from .errors import CompileError, FitError, LightfnError, StepError, TreeError
-from .step import describe
-from .transforms import Jitted, jit, jit_disabled
+from .. import metrics as lf_metrics
+from .. import tree
+from .._members import flat_names, flatten, group_means, state_members
+from ..errors import FitError
+from ..transforms import Jitted, jit, jit_disabled
+from ._checks import Acc, abstract_eval, check_acc, check_metrics, check_train_output
+from ._steps import classify
 
-__all__ = ["TrainRunner", "EvalRunner", "evaluate", "batch_size", "means", "epoch_values", "zeros_like", "to_host"]
-
-Acc = dict[str, Any]  # {"mean": [sum_1..sum_M, n], "sum": {name: total}}
+__all__ = ["Acc", "AccumulatingTrainStep", "AccumulatingEvalStep", "evaluate", "batch_size", "means", "epoch_values",
+           "zeros_like", "to_host"]
 
 
 def batch_size(batch: Any) -> int:
@@ -110,125 +108,11 @@ def to_host(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(values.keys(), stacked.tolist()))
 
 
-# ----------------------------------------------------------------------------- checks
+# ----------------------------------------------------------------------------- steps with sums
 
 
-def check_metrics(metrics: Any, who: str, members: int | None = None) -> tuple[str, ...]:
-    """The names of the averaged metrics, after checking ``metrics`` is a dict of real
-    tensors and ``lf.metrics.Sum`` states. An averaged metric is a scalar (one element) or,
-    when the state is stacked over ``members`` (K, see
-    :func:`lightfn._members.state_members`), a per-member vector of shape ``(K,)`` (an
-    ``lf.ensemble`` step)."""
-    if not isinstance(metrics, Mapping):
-        raise StepError(f"the {who} must return its metrics as a dict of scalar tensors, got {describe(metrics)}")
-    for name, value in metrics.items():
-        if not isinstance(name, str):
-            raise StepError(f"the {who} returned a metric named {name!r}; metric names must be strings")
-        if isinstance(value, lf_metrics.Sum):
-            lf_metrics.check_states({name: value.value}, who)
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise StepError(
-                f"metric {name!r} of the {who} is {describe(value)}, not a tensor; return a 0-d tensor "
-                "(a Python number would force a host sync or be baked into the compiled graph)"
-            )
-        per_member = members is not None and value.dim() == 1 and value.shape[0] == members
-        if not (value.numel() == 1 or per_member) or value.is_complex():
-            k = "" if members is None else f"; this state is stacked over {members} members, so ({members},) is allowed too"
-            raise StepError(
-                f"metric {name!r} of the {who} is {describe(value)}; metrics must be real scalars (or of shape "
-                f"(K,) from an lf.ensemble step over a state of K stacked members{k}): reduce it (e.g. .mean()) "
-                "before returning it, or return it as lf.metrics.Sum(...) to sum it over the epoch"
-            )
-        if is_member_name(name):
-            raise StepError(
-                f"the {who} returned a metric named {name!r}; names ending in '/member_<i>' are reserved for the "
-                "members of an lf.ensemble step's (K,) metrics: rename it"
-            )
-    return tuple(k for k, v in metrics.items() if not isinstance(v, lf_metrics.Sum))
-
-
-def check_train_output(out: Any, state: Any) -> tuple[Any, tuple[str, ...]]:
-    """``(new_state, names)`` after checking a train step's return value against ``state``."""
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise StepError(f"the train step must return (new_state, metrics_dict), got {describe(out)}")
-    new_state, metrics = out
-    try:
-        tree.assert_same_structure(state, new_state, what="the state returned by the train step", check_shapes=True)
-    except TreeError as e:
-        raise StepError(
-            f"{e}\nA train step must return a state with the same structure, shapes and dtypes as the one it got "
-            "(use state.replace(...) to change values)."
-        ) from None
-    return new_state, check_metrics(metrics, "train step", state_members(state))
-
-
-def abstract_eval(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` on fake tensors: output shapes and dtypes, no computation or side effect."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    # Real tensors captured by the step (constants, masks) are allowed as they are.
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = tree.map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, args)
-    try:
-        with mode:
-            return fn(*fake)
-    except LightfnError:
-        raise
-    except Exception as e:  # noqa: BLE001 - reported with what to do about it
-        raise _trace_failure(fn, e, args) from e
-
-
-def _trace_failure(fn: Callable[..., Any], error: Exception, args: tuple[Any, ...]) -> Exception:
-    """The error to show when ``fn`` could not be traced: ``jit=False`` is suggested only
-    when ``fn`` runs eagerly on the same inputs; otherwise the step itself is broken and its
-    eager error is the one to fix."""
-    name = getattr(fn, "__qualname__", None) or type(fn).__name__
-    # On copies: a step that failed to trace may also be impure, and the caller's state
-    # must come out of a failed first step untouched.
-    copies = tree.map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, args)
-    try:
-        with torch.no_grad():  # torch.func.grad inside a step ignores an outer no_grad
-            fn(*copies)
-    except LightfnError as user_error:
-        return user_error
-    except Exception as eager_error:  # noqa: BLE001
-        return StepError(
-            f"{name} fails when run eagerly too, so compilation is not the cause (jit=False would not help): "
-            f"{type(eager_error).__name__}: {first_line(eager_error)}"
-        )
-    return CompileError(
-        f"fit could not trace {name} to compile it: {type(error).__name__}: {first_line(error)}\n"
-        "  A compiled step must be pure tensor code (no .item(), no Python branching on tensor values, no "
-        "data-dependent shapes). The step does run eagerly: pass jit=False to fit to train without compiling."
-    )
-
-
-def _check_acc(acc: Acc | None, names: tuple[str, ...], expected: tuple[str, ...] | None, metrics: Mapping[str, Any],
-               device: torch.device) -> Acc:
-    """``acc``, or a new zero one for ``metrics`` (a step's first output); a restored one
-    must hold the sums of the same metrics and states."""
-    if expected is not None and names != expected:
-        raise StepError(
-            f"the checkpoint's metric sums are for metrics {list(expected)}, but this train step returns "
-            f"{list(names)}; resume with the step that wrote the checkpoint"
-        )
-    totals = lf_metrics.zeros(lf_metrics.split(metrics)[1])
-    if acc is None:
-        return {"mean": torch.zeros(len(names) + 1, dtype=torch.float32, device=device), "sum": totals}
-    try:
-        tree.assert_same_structure(totals, acc["sum"], what="the checkpoint's summed metric states", check_shapes=True)
-    except TreeError as e:
-        raise StepError(f"{e}\nThe step's lf.metrics.Sum states differ from those the checkpoint holds; resume with "
-                        "the step that wrote the checkpoint") from None
-    return acc
-
-
-# ----------------------------------------------------------------------------- runners
-
-
-class TrainRunner:
-    """``runner(state, acc, batch) -> (state, acc, metrics)``: one train step plus accumulation.
+class AccumulatingTrainStep:
+    """``(state, acc, batch) -> (state, acc, metrics)``: one train step plus accumulation.
 
     ``acc`` is ``None`` before the first step of a fresh run (it is created once the metric
     names are known). With ``compile=True`` (and a step not already ``lf.jit``-ed) the step
@@ -241,7 +125,7 @@ class TrainRunner:
     def __init__(self, step: Callable[..., Any], *, compile: bool, expected_names: tuple[str, ...] | None = None,
                  compute_metrics: lf_metrics.ComputeFn | None = None) -> None:
         self.step = step
-        self.fused = compile and not isinstance(step, Jitted)
+        self.fused = compile and not classify(step).jitted
         self.keys: tuple[str, ...] = ()  # the step's metric names
         self.names: tuple[str, ...] | None = None  # acc's slot names (members spelled out)
         self.expected_names = expected_names
@@ -267,7 +151,7 @@ class TrainRunner:
         when ``LIGHTFN_DISABLE_JIT`` turned jit off."""
         if self._compiled is not None:
             return self._compiled.compiled
-        if isinstance(self.step, Jitted):
+        if not self.fused and classify(self.step).jitted:
             return self.step.compiled
         return self.fused and not jit_disabled()
 
@@ -284,7 +168,7 @@ class TrainRunner:
             out = abstract_eval(self.step, state, batch)
             _, keys = check_train_output(out, state)
             names = flat_names(lf_metrics.split(out[1])[0])
-            acc = _check_acc(acc, names, self.expected_names, out[1], tree.device_of(state))
+            acc = check_acc(acc, names, self.expected_names, out[1], tree.device_of(state))
             self._check_computable(acc)
             self.keys, self.names = keys, names
             self._compiled = jit(functools.partial(_train_and_accumulate, self.step, self.keys), donate=True)
@@ -292,7 +176,7 @@ class TrainRunner:
         out = self.step(state, batch)
         new_state, keys = check_train_output(out, state)
         names = flat_names(lf_metrics.split(out[1])[0])
-        acc = _check_acc(acc, names, self.expected_names, out[1], tree.device_of(new_state))
+        acc = check_acc(acc, names, self.expected_names, out[1], tree.device_of(new_state))
         self._check_computable(acc)
         self.keys, self.names = keys, names
         return new_state, _accumulate_all_(acc, out[1], keys, batch_size(batch)), lf_metrics.split(out[1])[0]
@@ -309,8 +193,8 @@ def _train_and_accumulate(step: Callable[..., Any], keys: tuple[str, ...], state
     return new_state, _accumulate_all(acc, metrics, keys, batch_size(batch)), lf_metrics.split(metrics)[0]
 
 
-class EvalRunner:
-    """``runner(state, acc, batch) -> acc``: one eval step plus accumulation, without gradients.
+class AccumulatingEvalStep:
+    """``(state, acc, batch) -> acc``: one eval step plus accumulation, without gradients.
 
     :meth:`with_metrics` returns the batch's metrics too (the compiled graph outputs them:
     no extra work), for fit's ``on_validation_batch_end``.
@@ -321,7 +205,7 @@ class EvalRunner:
 
     def __init__(self, step: Callable[..., Any], *, compile: bool, compute_metrics: lf_metrics.ComputeFn | None = None) -> None:
         self.step = step
-        self.fused = compile and not isinstance(step, Jitted)
+        self.fused = compile and not classify(step).jitted
         self.keys: tuple[str, ...] = ()  # the step's averaged metric names
         self.names: tuple[str, ...] | None = None  # acc's slot names (members spelled out)
         self.compute_metrics = compute_metrics
@@ -360,7 +244,7 @@ class EvalRunner:
 
     def _start(self, acc: Acc | None, keys: tuple[str, ...], metrics: Mapping[str, Any], state: Any) -> Acc:
         names = flat_names(lf_metrics.split(metrics)[0])
-        acc = _check_acc(acc, names, None, metrics, tree.device_of(state))
+        acc = check_acc(acc, names, None, metrics, tree.device_of(state))
         if self.compute_metrics is None:
             lf_metrics.values(acc["sum"], None)  # a non-scalar state without compute_metrics: refused now
         self.keys, self.names, self._layout = keys, names, zeros_like(acc)
@@ -374,7 +258,7 @@ def _eval_and_accumulate(step: Callable[..., Any], keys: tuple[str, ...], state:
 
 
 def evaluate(
-    runner: EvalRunner,
+    step: AccumulatingEvalStep,
     state: Any,
     batches: Iterable[Any],
     *,
@@ -388,7 +272,7 @@ def evaluate(
     """One evaluation pass: ``{prefix + name: value}`` over ``batches`` (at most ``limit``).
 
     Each mean is weighted by rows (the batch size), so a short last batch counts for what
-    it holds; ``lf.metrics.Sum`` states are summed and turned into values by the runner's
+    it holds; ``lf.metrics.Sum`` states are summed and turned into values by the step's
     ``compute_metrics``. ``move`` puts a batch on the device, ``reduce`` sums the
     accumulator over ranks. fit's validation and ``lf.validate`` / ``lf.test`` are this
     same pass. ``on_batch`` gets each batch's metrics as ``{prefix + name: 0-d device tensor}``.
@@ -396,10 +280,10 @@ def evaluate(
     acc = None
     for batch in batches if limit is None else itertools.islice(batches, limit):
         if on_batch is None:
-            acc = runner(state, acc, move(batch))
+            acc = step(state, acc, move(batch))
             continue
-        acc, metrics = runner.with_metrics(state, acc, move(batch))
-        on_batch({f"{prefix}{k}": metrics[k] for k in runner.keys})
+        acc, metrics = step.with_metrics(state, acc, move(batch))
+        on_batch({f"{prefix}{k}": metrics[k] for k in step.keys})
     if acc is None:
         raise FitError(f"{what} yielded no batches (an empty dataset, or a batch size larger than the data?)")
-    return to_host({f"{prefix}{k}": v for k, v in runner.values(reduce(acc)).items()})
+    return to_host({f"{prefix}{k}": v for k, v in step.values(reduce(acc)).items()})

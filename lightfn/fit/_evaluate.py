@@ -3,7 +3,7 @@
 Lightning's ``trainer.validate`` / ``trainer.test``: one pass of an eval step over some
 data, returning each metric's mean weighted by rows (a short last batch counts for the
 rows it holds). It is the very pass fit runs for its validation
-(:func:`lightfn.runner.evaluate`), so on the same state and data ``lf.validate`` returns
+(:func:`lightfn.fit._accumulate.evaluate`), so on the same state and data ``lf.validate`` returns
 exactly the ``val/<name>`` values fit logs.
 
 The best checkpoint of a run to a test score, in one line::
@@ -24,16 +24,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import tree
-from .callbacks.base import Callback, Context, Signal
-from .data import iterate, num_batches
-from .errors import FitError
-from .eval_sets import named_sets, prefix
-from .loggers.base import Logger
-from .loop import batch_dtype, move_batch, resolve_device
-from .metrics import ComputeFn
-from .runner import EvalRunner, evaluate
-from .state import TrainState
+from .. import tree
+from .._device import resolve_device
+from ..callbacks.base import Callback, Context, Signal
+from ..data import iterate, num_batches
+from ..errors import FitError
+from ..eval_sets import named_sets, prefix
+from ..loggers.base import Logger
+from ..metrics import ComputeFn
+from ..state import TrainState
+from ._accumulate import AccumulatingEvalStep, evaluate
+from ._steps import classify, move_batch
 
 __all__ = ["validate", "test"]
 
@@ -113,10 +114,10 @@ def _run(metric: str, stage: str, eval_step: EvalStepFn, state: Any, data: Any, 
     if device is None:
         target = tree.device_of(state)
     else:
-        target = resolve_device(device)
+        target = resolve_device(device, error=FitError)
         state = tree.to_device(state, target)
-    dtype = batch_dtype(eval_step)
-    runner = EvalRunner(eval_step, compile=jit, compute_metrics=compute_metrics)  # one for every set: the step is traced once
+    dtype = classify(eval_step).batch_dtype
+    evaluator = AccumulatingEvalStep(eval_step, compile=jit, compute_metrics=compute_metrics)  # one for every set: the step is traced once
     show = sys.stdout.isatty() if progress is None else progress
     values: dict[str, float] = {}
     for name, loader in named_sets(data, "data").items():
@@ -124,7 +125,7 @@ def _run(metric: str, stage: str, eval_step: EvalStepFn, state: Any, data: Any, 
         bar = tqdm(batches, total=num_batches(loader), desc=stage if name is None else f"{stage} {name}", leave=False,
                    dynamic_ncols=True) if show else None
         try:
-            values.update(evaluate(runner, state, batches if bar is None else bar, prefix=prefix(metric, name),
+            values.update(evaluate(evaluator, state, batches if bar is None else bar, prefix=prefix(metric, name),
                                    move=lambda batch: move_batch(batch, target, dtype),
                                    what="data" if name is None else f"data[{name!r}]"))
         finally:

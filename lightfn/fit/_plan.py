@@ -1,41 +1,23 @@
-"""The parts of ``lf.fit`` that are not the loop itself: its plan, position and rules.
+"""fit's :class:`Plan`: every counting flag of ``lf.fit`` resolved once against the data.
 
-- :class:`Plan`: every counting flag of ``fit`` resolved once against the data (limits,
-  validation schedule, stopping limits), validated with one clear message each.
-- :class:`Position`: where the loop is (epoch, batch in the epoch, steps, ...): host ints,
-  saved in every fit checkpoint so a resumed run continues at the exact batch.
-- :func:`resolve_device`, and :func:`preemption_signal` (SIGTERM turned into a flag the
-  loop polls between steps; ranks agree on it and on stopping in
-  :meth:`lightfn.spread.Spread.vote`).
-- What fit makes of its step and data arguments before looping: :func:`configure_steps`
-  (precision, ``accumulate_grad_batches`` and ``gradient_clip_val`` applied to an
-  ``lf.TrainStep``), :func:`first_batches` (``overfit_batches``), :func:`batch_dtype` and
-  :func:`move_batch` (how each batch reaches the device; ``lf.validate`` uses them too).
-
-Running the steps with on-device metric accumulation lives in :mod:`lightfn.runner`.
+Limits (``max_epochs``, ``max_steps``, ``max_time``, ``limit_*_batches``), the validation
+schedule (``val_check_interval``, ``check_val_every_n_epoch``, sanity batches) and the early
+stop floor (``min_epochs``, ``min_steps``), each validated with one clear message; the
+loop then asks the plan, at a :class:`~lightfn.fit._run.Position`, what is due.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
-import itertools
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from ..errors import FitError, LightfnError
 
-from . import optim, tree
-from .data import iterate, num_batches
-from .errors import FitError, LightfnError
-from .step import EvalStep, TrainStep
-from .transforms import Jitted
+if TYPE_CHECKING:
+    from ._run import Position
 
-__all__ = ["FitError", "Plan", "Position", "make_plan", "resolve_device", "preemption_signal",
-           "configure_steps", "first_batches", "batch_dtype", "move_batch", "positive"]
+__all__ = ["Plan", "make_plan"]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -68,24 +50,24 @@ class Plan:
         n = self.check_val_every_n_epoch
         return n is None or (epoch + 1) % n == 0
 
-    def validate_after_batch(self, pos: "Position") -> bool:
+    def validate_after_batch(self, pos: Position) -> bool:
         """After the batch that brought ``pos`` to where it is, is a validation due?"""
         if self.val_every is None or not self.epoch_validates(pos.epoch):
             return False
         counter = pos.step if self.check_val_every_n_epoch is None else pos.batch
         return counter % self.val_every == 0
 
-    def validate_at_epoch_end(self, pos: "Position") -> bool:
+    def validate_at_epoch_end(self, pos: Position) -> bool:
         return self.val_every is None and self.epoch_validates(pos.epoch) and pos.last_val_step != pos.step
 
-    def epoch_full(self, pos: "Position") -> bool:
+    def epoch_full(self, pos: Position) -> bool:
         return self.train_batches is not None and pos.batch >= self.train_batches
 
-    def may_stop_early(self, pos: "Position") -> bool:
+    def may_stop_early(self, pos: Position) -> bool:
         """``min_epochs`` (epochs completed) and ``min_steps`` are met."""
         return pos.epoch + pos.epoch_done >= self.min_epochs and pos.step >= self.min_steps
 
-    def out_of_budget(self, pos: "Position", elapsed: float) -> bool:
+    def out_of_budget(self, pos: Position, elapsed: float) -> bool:
         return (self.max_steps is not None and pos.step >= self.max_steps) or (
             self.max_time is not None and pos.elapsed + elapsed >= self.max_time
         )
@@ -121,7 +103,7 @@ def parse_max_time(max_time: Any) -> float | None:
     """Seconds from a number, a ``timedelta``, a dict of timedelta fields, or ``"DD:HH:MM:SS"``."""
     if max_time is None:
         return None
-    from .callbacks.timer import parse_duration
+    from ..callbacks.timer import parse_duration
 
     try:
         return parse_duration(max_time)
@@ -214,146 +196,3 @@ def _val_every(interval: int | float | None, train_batches: int | None, every_n_
             "would never run; lower it, or pass check_val_every_n_epoch=None to count batches across epochs"
         )
     return interval
-
-
-# ----------------------------------------------------------------------------- step options, data
-
-
-def positive(name: str, value: Any) -> int:
-    """``value`` after checking it is an int >= 1 (``fast_dev_run=n``)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FitError(f"{name} must be True or an int >= 1, got {value!r}")
-    return value
-
-
-def configure_steps(step: Any, state: Any, eval_step: Any, precision: str | None, accumulate: int,
-                     clip: float | None) -> tuple[Any, Any, Any]:
-    """Apply precision / accumulation / clipping to an ``lf.TrainStep`` (refused for others)."""
-    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-        raise FitError(f"accumulate_grad_batches must be an int >= 1, got {accumulate!r}")
-    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
-        raise FitError(f"gradient_clip_val must be a number > 0, got {clip!r}")
-    inner = step.fn if isinstance(step, Jitted) else step
-    if not isinstance(step, TrainStep):
-        asked = [f"{n}={v!r}" for n, v in (("precision", precision), ("accumulate_grad_batches", accumulate if accumulate != 1 else None),
-                                            ("gradient_clip_val", clip)) if v is not None]
-        if asked:
-            raise FitError(
-                f"{', '.join(asked)} apply to an lf.train_step(...) step, and this step is a {type(step).__name__}. "
-                "For your own step: use lf.optim.multi_steps(opt, k) for accumulation, "
-                "lf.optim.chain(lf.optim.clip_by_global_norm(v), opt) for clipping, and autocast inside the step for "
-                "precision" + (" (or pass the TrainStep unjitted: fit compiles it)" if isinstance(step, Jitted) else "")
-            )
-        if isinstance(inner, TrainStep):
-            state = inner.prepare_state(state)
-        return step, state, eval_step
-    if accumulate != 1 or clip is not None:
-        if int(state.step) != 0:
-            raise FitError(
-                f"accumulate_grad_batches / gradient_clip_val re-initialize the optimizer state, but the state has "
-                f"already taken {int(state.step)} steps; build the optimizer with lf.optim.multi_steps / "
-                "lf.optim.clip_by_global_norm instead, or pass a fresh state (resume_from restores a run)"
-            )
-        opt = step.optimizer
-        if clip is not None:
-            opt = optim.chain(optim.clip_by_global_norm(float(clip)), opt)
-        if accumulate > 1:
-            opt = optim.multi_steps(opt, accumulate)
-        step = step.replace(optimizer=opt)
-        state = state.replace(opt_state=step.init_opt_state(state.params))
-    if precision is not None:
-        step = step.replace(precision=precision)
-        if isinstance(eval_step, EvalStep):
-            eval_step = eval_step.replace(precision=precision)
-    return step, step.prepare_state(state), eval_step
-
-
-def first_batches(data: Any, overfit: int | float) -> list[Any]:
-    """The first ``overfit`` batches (an int, or a fraction) of epoch 0, taken once."""
-    n = num_batches(data)
-    if isinstance(overfit, float) and not isinstance(overfit, bool):
-        if not 0 < overfit <= 1 or n is None:
-            raise FitError(f"overfit_batches={overfit} must be an int, or a fraction in (0, 1] of data with a len()")
-        count = max(1, int(n * overfit))
-    elif isinstance(overfit, int) and not isinstance(overfit, bool) and overfit > 0:
-        count = overfit
-    else:
-        raise FitError(f"overfit_batches must be an int >= 0 or a float in (0, 1], got {overfit!r}")
-    batches = list(itertools.islice(iterate(data, 0), count))
-    if not batches:
-        raise FitError("train_data has no batches (an empty dataset, or a batch size larger than the data?)")
-    return batches
-
-
-def batch_dtype(step: Any) -> torch.dtype | None:
-    """The dtype floating batches are cast to: that of a ``*-true`` precision (of an
-    ``lf.TrainStep`` or ``lf.EvalStep``), else None."""
-    inner = step.fn if isinstance(step, Jitted) else step
-    if not isinstance(inner, (TrainStep, EvalStep)):
-        return None
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(inner.precision)
-
-
-def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
-    """``batch`` on ``device`` (without a host sync) and, for ``dtype``, its floating leaves cast."""
-    first = next((x for x in tree.leaves(batch) if isinstance(x, torch.Tensor)), None)
-    if first is not None and first.device != device:
-        batch = tree.to_device(batch, device, non_blocking=True)
-    # "*-true" precisions hold params in that dtype; floating inputs follow (as in Lightning).
-    return batch if dtype is None else tree.cast(batch, dtype)
-
-
-# ----------------------------------------------------------------------------- position
-
-
-@dataclasses.dataclass(kw_only=True)
-class Position:
-    """Where the loop is. ``batch``: batches done in ``epoch``; ``step``: steps taken in
-    the run; ``epoch_done``: ``epoch``'s end was processed (a checkpoint then resumes at the
-    next epoch; it stays False when a stop closed the epoch before its last batch, so a
-    resumed run continues inside it); ``last_val_step``: the step of the latest validation (so a resumed run
-    neither repeats nor skips one); ``elapsed``: seconds spent by earlier runs resumed from."""
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-    epoch_done: bool = False
-    last_val_step: int = -1
-    stop_requested: bool = False
-    elapsed: float = 0.0
-
-
-# ----------------------------------------------------------------------------- devices, processes
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``"auto"``: CUDA when available, else MPS, else CPU; anything else as given."""
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise FitError(f"device={device!r} is not a device ({e}); use 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'") from None
-
-
-@contextlib.contextmanager
-def preemption_signal() -> Iterator[Callable[[], bool]]:
-    """Catch SIGTERM for the duration of the block; yield a function saying if it came.
-
-    The previous handler is restored on exit. Outside the main thread (where Python allows
-    no signal handlers) nothing is installed and the function always says False.
-    """
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield event.is_set
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
-    try:
-        yield event.is_set
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -1,11 +1,10 @@
-"""What ``lf.fit(..., strategy="ddp" | "fsdp")`` changes, in one object fit consults.
+"""fit's multi-process policy: what ``lf.fit(..., strategy="ddp" | "fsdp")`` changes, in
+one object fit consults.
 
-fit's multi-process policy, beside fit: it builds on the primitives of
-:mod:`lightfn.distributed` (which knows nothing of fit); the config is
-:class:`~lightfn.distributed.Strategy`.
-
-``fit`` stays a single-process loop; :func:`setup_strategy` returns a :class:`Spread` that
-tells it, at the few places where processes matter:
+It builds on the primitives of :mod:`lightfn.distributed` (which knows nothing of fit);
+the config is :class:`~lightfn.distributed.Strategy`. ``fit`` stays a single-process loop;
+:func:`setup_processes` returns a :class:`Processes` that tells it, at the few places where
+processes matter:
 
 - the step and state: ``"ddp"`` wraps an ``lf.train_step`` with :func:`data_parallel` and
   broadcasts rank 0's state; ``"fsdp"`` wraps it with :func:`fully_sharded` and shards the
@@ -27,7 +26,7 @@ tells it, at the few places where processes matter:
 - the result: a state fit sharded is gathered again before fit returns it.
 
 Every rank takes the same decisions because the metrics they decide on are reduced first
-and ranks vote each step (:meth:`Spread.vote`: stop and SIGTERM flags OR-ed, one shared
+and ranks vote each step (:meth:`Processes.vote`: stop and SIGTERM flags OR-ed, one shared
 clock for ``max_time`` and ``ModelCheckpoint(train_time_interval=...)``), a CPU all-reduce
 on a gloo control group that fit makes, so NCCL runs do not stall on it.
 """
@@ -47,42 +46,32 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from . import tree
-from .callbacks.base import Callback
-from .data import ArrayLoader
-from .errors import FitError
-from .resume import restore_run, run_metadata, save_run
-from .state import TrainState
-from .step import EvalStep, TrainStep
-from .transforms import Jitted
-from .distributed.collectives import all_gather_flat, sum_in_buckets
-from .distributed.data_parallel import RankFoldedLoss, _AverageGrads, data_parallel, reduce_metrics, replicate_state
-from .distributed.fully_sharded import FullyShardedStep, ShardedParams, fully_sharded, shard_state, unshard_state
-from .distributed.mesh import Mesh, guard, init, is_main, require_launched, single_process_mesh
-from .distributed.rank_data import RankBatches, has_distributed_sampler
-from .distributed.strategy import Strategy
-from .distributed.sharded_checkpoint import INDEX_NAME, cut_full, full_template, load_sharded, read_index, save_sharded
+from .. import tree
+from ..data import ArrayLoader
+from ..errors import FitError
+from ..state import TrainState
+from ..step import EvalStep, TrainStep
+from ..distributed.collectives import all_gather_flat, sum_in_buckets
+from ..distributed.data_parallel import RankFoldedLoss, data_parallel, reduce_metrics, replicate_state
+from ..distributed.fully_sharded import ShardedParams, fully_sharded, shard_state, unshard_state
+from ..distributed.mesh import Mesh, guard, init, is_main, require_launched, single_process_mesh
+from ..distributed.rank_data import RankBatches, has_distributed_sampler
+from ..distributed.strategy import Strategy
+from ..distributed.sharded_checkpoint import INDEX_NAME, cut_full, full_template, load_sharded, read_index, save_sharded
+from ._run import Run, load_run, run_metadata, save_run, to_tree
+from ._steps import StepKind, classify
 
-__all__ = ["Spread", "setup_strategy", "control_group", "GatheredEval"]
+__all__ = ["Processes", "setup_processes", "control_group", "GatheredEval"]
 
 _log = logging.getLogger("lightfn.fit")
 
 
-def _wrapped_kind(step: Any) -> str | None:
-    inner = step.fn if isinstance(step, Jitted) else step
-    if isinstance(inner, FullyShardedStep):
-        return "fsdp"
-    if isinstance(inner, TrainStep) and isinstance(inner.grad_transform, _AverageGrads):
-        return "ddp"
-    return None
-
-
-def _resolve(strategy: str | Strategy | None, step: Any) -> Strategy | None:
+def _resolve(strategy: str | Strategy | None, kind: StepKind) -> Strategy | None:
     if isinstance(strategy, str):
         strategy = Strategy(name=strategy)
     elif strategy is not None and not isinstance(strategy, Strategy):
         raise FitError(f"strategy must be None, 'ddp', 'fsdp' or an lf.distributed.Strategy, got {type(strategy).__name__}")
-    wrapped = _wrapped_kind(step)
+    wrapped = kind.distributed
     if wrapped is None:
         return strategy
     if strategy is not None and strategy.name != wrapped:
@@ -109,11 +98,11 @@ class GatheredEval:
         return self.eval_step(state.replace(params=sp.layout.unflatten(full)), batch)
 
 
-# ----------------------------------------------------------------------------- the spread
+# ----------------------------------------------------------------------------- the policy
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Spread:
+class Processes:
     """fit's view of the processes (see the module docstring); inactive for one process."""
 
     mesh: Mesh
@@ -215,10 +204,10 @@ class Spread:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike[str], packed: dict[str, Any], *, agreed: bool = True,
+    def save(self, path: str | os.PathLike[str], run: Run, *, agreed: bool = True,
              metadata: Mapping[str, Any] | None = None) -> None:
-        """Write a packed fit checkpoint (see :mod:`lightfn.resume`) with ``metadata``
-        (default: :func:`lightfn.resume.run_metadata` ``()``).
+        """Write ``run`` as a fit checkpoint (see :mod:`lightfn.fit._run`) with ``metadata``
+        (default: :func:`~lightfn.fit._run.run_metadata` ``()``).
 
         ``agreed``: every rank calls this for the same path now (all saves fit makes from
         callback signals and on SIGTERM). A save from one rank alone (``on_exception``) is
@@ -228,41 +217,39 @@ class Spread:
         metadata = run_metadata() if metadata is None else metadata
         if not self.active:
             if self.main:
-                save_run(path, packed, metadata)
+                save_run(path, run, metadata)
             return
-        loop = packed["loop"]
-        if agreed and mesh.distributed and loop["acc"] is not None:
-            packed = {**packed, "loop": {**loop, **self.sum({k: loop[k] for k in ("acc", "sums") if k in loop})}}
+        if agreed and mesh.distributed and run.acc is not None:
+            run = run.replace(acc=self.sum(run.acc))  # a resumed run's epoch means then cover every rank
         if not self.fsdp:
             if mesh.is_main:
-                save_run(path, packed, metadata)
+                save_run(path, run, metadata)
             return
         if not agreed:
             if mesh.is_main:
                 _log.warning("not writing %s: a fully sharded checkpoint needs every rank, and this save is not", path)
             return
-        save_sharded(path, packed, mesh, gather=self.strategy.gather_checkpoints, metadata=metadata)
+        save_sharded(path, to_tree(run), mesh, gather=self.strategy.gather_checkpoints, metadata=metadata)
 
-    def restore(self, path: Path, state: Any, callbacks: Sequence[Callback], seed: str) -> tuple[Any, ...]:
-        """:func:`lightfn.resume.restore_run` for this strategy (same result tuple) from a
-        sharded folder, a gathered file, or a replicated file."""
+    def restore(self, path: Path, like: Run) -> Run:
+        """:func:`~lightfn.fit._run.load_run` for this strategy, from a sharded folder, a
+        gathered file, or a replicated file."""
         mesh = self.mesh
         if self.fsdp and path.is_dir():
             index = read_index(path)
             if index["world_size"] == mesh.world_size:
-                state, pos, acc, *rest = restore_run(path / index["files"][mesh.rank], state, callbacks, seed)
+                run = load_run(path / index["files"][mesh.rank], like)
             else:  # another number of ranks wrote it (e.g. an elastic restart on fewer nodes)
-                state, pos, acc, *rest = restore_run(
-                    path / index["files"][0], state, callbacks, seed, read=lambda like: load_sharded(path, like, mesh)
-                )
+                run = load_run(path / index["files"][0], like, read=lambda template: load_sharded(path, template, mesh))
         elif self.fsdp:
-            full, pos, acc, *rest = restore_run(path, full_template(state), callbacks, seed)
-            state = cut_full(full, state, mesh)
+            run = load_run(path, like.replace(state=full_template(like.state)))
+            run = run.replace(state=cut_full(run.state, like.state, mesh))
         else:
-            state, pos, acc, *rest = restore_run(path, state, callbacks, seed)
-        if acc is not None and self.active and mesh.rank != 0:
-            acc = tree.map(torch.zeros_like, acc)  # the saved sums cover every rank: counted once, on rank 0
-        return (state, pos, acc, *rest)
+            run = load_run(path, like)
+        if run.acc is not None and self.active and mesh.rank != 0:
+            # the saved sums cover every rank: counted once, on rank 0
+            run = run.replace(acc=tree.map(torch.zeros_like, run.acc))
+        return run
 
     def delete(self, path: str | os.PathLike[str]) -> None:
         """Remove a checkpoint fit no longer keeps (rank 0; a sharded folder with its files)."""
@@ -293,7 +280,7 @@ class Spread:
             if self.control is not None:
                 dist.destroy_process_group(self.control)
                 # Let the group object go now: a gloo group joins its threads only when freed,
-                # and this Spread may outlive fit in a traceback (SIGTERM preemption exits by
+                # and this object may outlive fit in a traceback (SIGTERM preemption exits by
                 # SystemExit) until interpreter teardown, where a joinable thread aborts the
                 # process (see lightfn/distributed/_lifetime.py).
                 object.__setattr__(self, "control", None)
@@ -303,39 +290,34 @@ class Spread:
         return unshard_state(state, self.mesh) if self.sharded_by_fit else state
 
 
-def setup_strategy(
-    strategy: str | Strategy | None,
-    step: Any,
-    state: Any,
-    eval_step: Any,
-    callbacks: Sequence[Callback] = (),
-) -> Spread:
+def setup_processes(strategy: str | Strategy | None, step: Any, state: Any, eval_step: Any) -> Processes:
     """Join torchrun's process group and wrap ``step``/``state``/``eval_step`` for ``strategy``.
 
-    ``None`` with a plain step gives an inactive :class:`Spread` (fit runs as one process).
+    ``None`` with a plain step gives an inactive :class:`Processes` (fit runs as one process).
     Raises :class:`~lightfn.errors.DistributedError` with the torchrun command to use when a
     strategy is asked for outside torchrun.
     """
-    strategy = _resolve(strategy, step)
+    kind = classify(step)
+    strategy = _resolve(strategy, kind)
     if strategy is None:
-        return Spread(mesh=single_process_mesh("cpu"), strategy=None, step=step, state=state, eval_step=eval_step)
+        return Processes(mesh=single_process_mesh("cpu"), strategy=None, step=step, state=state, eval_step=eval_step)
     require_launched(f"fit(strategy={strategy.name!r})")
     mesh = init(timeout=strategy.timeout)
-    wrapped = _wrapped_kind(step) is not None
+    wrapped = kind.distributed is not None
     if eval_step is not None and isinstance(eval_step, EvalStep) and not isinstance(eval_step.loss_fn, RankFoldedLoss):
         eval_step = data_parallel(eval_step, mesh)
     sharded_by_fit = False
     if strategy.name == "ddp":
-        step = step if wrapped else data_parallel(_train_step(step, "ddp"), mesh)
+        step = step if wrapped else data_parallel(_train_step(step, kind, "ddp"), mesh)
         state = replicate_state(state, mesh)
     else:
-        step = step if wrapped else fully_sharded(_train_step(step, "fsdp"), mesh)
+        step = step if wrapped else fully_sharded(_train_step(step, kind, "fsdp"), mesh)
         if not (isinstance(state, TrainState) and isinstance(state.params, ShardedParams)):
             state, sharded_by_fit = shard_state(state, mesh), True
         if eval_step is not None:
             eval_step = GatheredEval(eval_step, mesh.world_size, mesh.group_name)
     control = control_group(mesh)
-    return Spread(mesh=mesh, strategy=strategy, step=step, state=state, eval_step=eval_step, sharded_by_fit=sharded_by_fit,
+    return Processes(mesh=mesh, strategy=strategy, step=step, state=state, eval_step=eval_step, sharded_by_fit=sharded_by_fit,
                   control=control)
 
 
@@ -351,8 +333,8 @@ def control_group(mesh: Mesh) -> Any:
         return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=mesh.timeout))
 
 
-def _train_step(step: Any, name: str) -> TrainStep:
-    if isinstance(step, Jitted):
+def _train_step(step: Any, kind: StepKind, name: str) -> TrainStep:
+    if kind.jitted:
         raise FitError(
             f"strategy={name!r} rewrites the lf.train_step, but this step is already compiled with lf.jit; pass the "
             "lf.train_step itself (fit compiles it, collectives included)"

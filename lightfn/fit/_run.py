@@ -1,27 +1,28 @@
-"""What a checkpoint written by ``lf.fit`` holds, and how a run is restored from it.
+"""The :class:`Run`: everything one ``lf.fit`` run carries from step to step, which is
+exactly what a fit checkpoint holds.
 
-A fit checkpoint is one safetensors pytree (see :mod:`lightfn.checkpoint`) with
+Saving a run is :func:`save_run` ``(path, run)``; resuming is :func:`load_run`
+``(path, like=run)``, where ``like`` is the run fit is about to start (its state gives the
+structure, dtypes and devices to load into). The file is one safetensors pytree (see
+:mod:`lightfn.checkpoint`) laid out as
 
 - the TrainState's fields at the top level (``step``, ``params``, ``opt_state``, ``rng``,
   ``buffers``, ``loss_scale``, ``extra``), so ``lf.load(path)["params"]`` is all inference
-  needs (a dict state's keys are at the top level the same way; any other state is under
-  ``"state"``);
-- ``"loop"``: the loop position (``epoch``, ``batch`` within it, host ``step``,
+  needs and ``lf.load(path, like=train_state)`` returns the TrainState (a dict state's
+  keys are at the top level the same way; any other state is under ``"state"``);
+- ``"loop"``: the :class:`Position` (``epoch``, ``batch`` within it, host ``step``,
   ``last_val_step``, ``stop_requested``, ``elapsed`` seconds), the data order seed
   (``data_seed``, as a string; empty when the data has none), the epoch's metric sums
-  (``acc``, see :mod:`lightfn.runner`) and their names (``metrics``, JSON), the epoch's
-  totals of ``lf.metrics.Sum`` states (``sums``: ``{name: total}``, present only when the
-  step returns such states), and the latest
-  logged host values (``logged``, JSON: what callbacks see as ``ctx.metrics``, so e.g. a
-  checkpoint name or an epoch-end check right after a resume sees the same values);
+  (``acc``, see :mod:`lightfn.fit._accumulate`) and their names (``metrics``, JSON), the
+  epoch's totals of ``lf.metrics.Sum`` states (``sums``: ``{name: total}``, present only
+  when the step returns such states), and the latest logged host values (``logged``, JSON:
+  what callbacks see as ``ctx.metrics``, so a checkpoint name or an epoch-end check right
+  after a resume sees the same values);
 - ``"callbacks"``: each callback's non-empty ``state_dict()`` under its ``state_key``: a
   JSON string, or, when the state holds tensors, ``{"json": <the other values as JSON>,
   "tensors": {<name>: tensor or dict of tensors}}`` (tensors stored as tensors, bit-exact);
 - metadata (:func:`run_metadata`): ``{"written_by": "lightfn.fit"}`` plus ``"hparams"``
   when fit was given ``hparams=``, read back with ``lf.read_metadata(path)["hparams"]``.
-
-``lf.load(path, like=train_state)`` skips ``"loop"`` and ``"callbacks"`` (the template has
-neither), so a fit checkpoint loads directly as the TrainState it holds.
 
 Because the data order is a pure function of (seed, epoch) and every random number a step
 draws comes from the state, restoring all of this continues a run at the exact batch: the
@@ -32,47 +33,87 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import tree
-from ._ckpt_format import FIT_RUN_KEYS, FIT_WRITER, FIT_WRITER_KEY, HPARAMS_KEY
-from .callbacks.base import Callback
-from .callbacks.early_stopping import decode_float, encode_float
-from .checkpoint import load, save
-from .loop import FitError, Position
-from .state import TrainState
+from .. import tree
+from .._ckpt_format import FIT_RUN_KEYS, FIT_WRITER, FIT_WRITER_KEY, HPARAMS_KEY
+from ..callbacks.early_stopping import decode_float, encode_float
+from ..checkpoint import load, save
+from ..errors import FitError
+from ..state import TrainState
+from ._accumulate import Acc
 
-__all__ = ["pack", "save_run", "restore_run", "run_metadata", "data_seed"]
+__all__ = ["Position", "Run", "to_tree", "save_run", "load_run", "run_metadata", "data_seed"]
 
-_log = logging.getLogger("lightfn.fit")
-_RESERVED = FIT_RUN_KEYS
+
+@dataclasses.dataclass(kw_only=True)
+class Position:
+    """Where the loop is. ``batch``: batches done in ``epoch``; ``step``: steps taken in
+    the run; ``epoch_done``: ``epoch``'s end was processed (a checkpoint then resumes at the
+    next epoch; it stays False when a stop closed the epoch before its last batch, so a
+    resumed run continues inside it); ``last_val_step``: the step of the latest validation
+    (so a resumed run neither repeats nor skips one); ``elapsed``: seconds of training
+    before this process (earlier runs resumed from)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    epoch_done: bool = False
+    last_val_step: int = -1
+    stop_requested: bool = False
+    elapsed: float = 0.0
+
+
+@dataclasses.dataclass(kw_only=True)
+class Run:
+    """One fit run's state: the train state and the loop's bookkeeping around it.
+
+    ``acc``: the epoch's metric accumulator ``{"mean": [sum_1..sum_M, n], "sum": {name:
+    total}}`` (``None`` before the first step); ``metric_names``: its slots' names
+    (``None`` until known); ``logged``: the latest logged host values; ``data_seed``: the
+    train data's order seed (``""`` without one); ``callbacks``: each stateful callback's
+    ``state_dict()`` by ``state_key`` (filled when the run is saved or loaded).
+    """
+
+    state: Any
+    position: Position = dataclasses.field(default_factory=Position)
+    acc: Acc | None = None
+    metric_names: tuple[str, ...] | None = None
+    logged: dict[str, float] = dataclasses.field(default_factory=dict)
+    data_seed: str = ""
+    callbacks: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> Run:
+        return dataclasses.replace(self, **changes)
 
 
 def data_seed(data: Any) -> str:
     """The data order seed of an ``lf.data.ArrayLoader`` (as a string), else ``""``."""
-    from .data import ArrayLoader
+    from ..data import ArrayLoader
 
     return str(data.seed) if isinstance(data, ArrayLoader) else ""
+
+
+# ----------------------------------------------------------------------------- the layout
 
 
 def _state_fields(state: Any) -> dict[str, Any]:
     if isinstance(state, TrainState):
         return {f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState)}
     if isinstance(state, dict) and all(isinstance(k, str) for k in state):
-        clash = [k for k in _RESERVED if k in state]
+        clash = [k for k in FIT_RUN_KEYS if k in state]
         if clash:
             raise FitError(f"the state dict has a key {clash[0]!r}, which fit checkpoints reserve; rename it")
         return dict(state)
     return {"state": state}
 
 
-def _unpack_state(like: Any, saved: Mapping[str, Any]) -> Any:
+def _state_from(like: Any, saved: Mapping[str, Any]) -> Any:
     if isinstance(like, TrainState):
         return like.replace(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
     if isinstance(like, dict) and all(isinstance(k, str) for k in like):
@@ -80,26 +121,13 @@ def _unpack_state(like: Any, saved: Mapping[str, Any]) -> Any:
     return saved["state"]
 
 
-def pack(
-    state: Any,
-    pos: Position,
-    acc: dict[str, Any] | torch.Tensor | None,
-    names: Sequence[str] | None,
-    callbacks: Sequence[Callback],
-    seed: str,
-    elapsed: float,
-    logged: Mapping[str, float] | None = None,
-) -> dict[str, Any]:
-    """The whole loop as one pytree (layout in the module docstring).
+def to_tree(run: Run) -> dict[str, Any]:
+    """The checkpoint pytree of ``run`` (layout in the module docstring).
 
-    ``acc``: the runner's accumulator ``{"mean": sums, "sum": {name: total}}`` (or the
-    means' vector alone), ``None`` before the first step.
-
-    At an epoch's end (``pos.epoch_done``) the position is the start of the next epoch, so
-    a resumed run does not process that epoch's end twice.
+    At an epoch's end (``position.epoch_done``) the position stored is the start of the
+    next epoch, with zeroed sums, so a resumed run does not process that epoch's end twice.
     """
-    if isinstance(acc, torch.Tensor):  # the means' vector alone: no Sum states
-        acc = {"mean": acc, "sum": {}}
+    pos, acc = run.position, run.acc
     epoch, batch = (pos.epoch + 1, 0) if pos.epoch_done else (pos.epoch, pos.batch)
     if acc is not None and pos.epoch_done:
         acc = tree.map(torch.zeros_like, acc)
@@ -109,17 +137,29 @@ def pack(
         "step": pos.step,
         "last_val_step": pos.last_val_step,
         "stop_requested": pos.stop_requested,
-        "elapsed": float(pos.elapsed + elapsed),
-        "data_seed": seed,
-        "metrics": json.dumps(list(names or ())),
-        "logged": json.dumps({k: encode_float(float(v)) for k, v in (logged or {}).items()}),
+        "elapsed": float(pos.elapsed),
+        "data_seed": run.data_seed,
+        "metrics": json.dumps(list(run.metric_names or ())),
+        "logged": json.dumps({k: encode_float(float(v)) for k, v in run.logged.items()}),
         "acc": None if acc is None else acc["mean"],
     }
     if acc is not None and acc["sum"]:  # absent otherwise: the layout checkpoints had before Sum states
         loop["sums"] = acc["sum"]
     # Only callbacks with bookkeeping are stored (a progress bar has none to carry over).
-    states = {cb.state_key: cb.state_dict() for cb in callbacks}
-    return {**_state_fields(state), "loop": loop, "callbacks": {k: _encode(k, v) for k, v in states.items() if v}}
+    stored = {k: _encode(k, v) for k, v in run.callbacks.items() if v}
+    return {**_state_fields(run.state), "loop": loop, "callbacks": stored}
+
+
+def _template(like: Run, acc: Acc | None, saved_callbacks: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`load` fills: ``like``'s state, an accumulator shaped as the file's, and
+    the callback entries the file holds (their tensors' shapes come from the file)."""
+    device = tree.device_of(like.state)
+    shaped = None if acc is None else tree.map(lambda x: torch.zeros_like(x, device=device), acc)
+    template = to_tree(Run(state=like.state, acc=shaped))
+    template["loop"] = {**template["loop"], "data_seed": "", "metrics": "", "logged": ""}
+    template["callbacks"] = tree.map(
+        lambda x: torch.empty_like(x, device=device) if isinstance(x, torch.Tensor) else "", saved_callbacks)
+    return template
 
 
 def _is_tensors(x: Any) -> bool:
@@ -150,6 +190,9 @@ def _decode(stored: Any) -> dict[str, Any]:
     return {**json.loads(stored["json"]), **stored["tensors"]}
 
 
+# ----------------------------------------------------------------------------- files
+
+
 def run_metadata(hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The metadata of every checkpoint fit writes: the fit mark, and ``hparams`` if given.
 
@@ -172,64 +215,44 @@ def run_metadata(hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return meta
 
 
-def save_run(path: str | os.PathLike[str], tree: dict[str, Any], metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write a packed loop atomically, with ``metadata`` (default: :func:`run_metadata` ``()``)."""
-    return save(path, tree, metadata=run_metadata() if metadata is None else metadata)
+def save_run(path: str | os.PathLike[str], run: Run, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``run`` atomically, with ``metadata`` (default: :func:`run_metadata` ``()``)."""
+    return save(path, to_tree(run), metadata=run_metadata() if metadata is None else metadata)
 
 
-def restore_run(
-    path: str | os.PathLike[str],
-    state: Any,
-    callbacks: Sequence[Callback],
-    seed: str,
-    *,
-    read: Callable[[Any], Any] | None = None,
-) -> tuple[Any, Position, dict[str, Any] | None, tuple[str, ...], dict[str, float]]:
-    """``(state, position, acc, metric_names, logged)`` from a fit checkpoint; loads callback states.
+def load_run(path: str | os.PathLike[str], like: Run, *, read: Callable[[Any], Any] | None = None) -> Run:
+    """The run saved at ``path``, loaded into the structure of ``like``.
 
-    ``acc`` is the runner's accumulator ``{"mean": sums, "sum": {name: total}}`` (``None``
-    when the checkpoint was written before the first step).
-
-    ``state`` is the template: the result has its structure, dtypes and devices, and any
-    mismatch is refused naming each differing path. ``read(template)`` loads the whole
-    checkpoint into the template (default: ``lf.load(path, like=template)``); a sharded
-    checkpoint written by another number of ranks passes one that reshards while loading.
+    ``like.state`` is the template: the result has its structure, dtypes and devices, and
+    any mismatch is refused naming each differing path. ``like.data_seed`` must be the seed
+    the run was written with (another order would not resume exactly). ``read(template)``
+    loads the whole checkpoint into the template (default: ``lf.load(path, like=template)``);
+    a sharded checkpoint written by another number of ranks passes one that reshards while
+    loading. The result's ``callbacks`` holds the decoded callback states.
     """
     path = Path(path)
     if not path.is_file():
         raise FitError(f"resume_from={str(path)!r}: no such checkpoint file")
     loop = load(path, subtree="loop")
-    saved_cbs = load(path, subtree="callbacks")
     acc = None if loop["acc"] is None else {"mean": loop["acc"], "sum": loop.get("sums", {})}
-    device = tree.device_of(state)
-    like = None if acc is None else tree.map(lambda x: torch.zeros_like(x, device=device), acc)
-    template = pack(state, Position(), like, None, [], "", 0.0)
-    template["loop"] = {**template["loop"], "data_seed": "", "metrics": "", "logged": ""}
-    # A callback's tensors load onto the state's device; their shapes come from the file.
-    template["callbacks"] = tree.map(
-        lambda x: torch.empty_like(x, device=device) if isinstance(x, torch.Tensor) else "", saved_cbs)
+    template = _template(like, acc, load(path, subtree="callbacks"))
     ckpt = load(path, like=template) if read is None else read(template)
     loop = ckpt["loop"]
-    if loop["data_seed"] != seed:
+    if loop["data_seed"] != like.data_seed:
         raise FitError(
             f"{path} was written by a run whose training data order seed is {loop['data_seed'] or 'none'!s}, but "
-            f"this train_data's is {seed or 'none'!s}; build the ArrayLoader with seed={loop['data_seed']} to "
-            "resume exactly"
+            f"this train_data's is {like.data_seed or 'none'!s}; build the ArrayLoader with "
+            f"seed={loop['data_seed']} to resume exactly"
         )
-    for cb in callbacks:
-        if cb.state_key in ckpt["callbacks"]:
-            cb.load_state_dict(_decode(ckpt["callbacks"][cb.state_key]))
-    unused = set(ckpt["callbacks"]) - {cb.state_key for cb in callbacks}
-    if unused:
-        _log.warning("resume: %s holds state of callbacks not passed to this fit: %s", path, sorted(unused))
-    pos = Position(
-        epoch=loop["epoch"],
-        batch=loop["batch"],
-        step=loop["step"],
-        last_val_step=loop["last_val_step"],
-        stop_requested=loop["stop_requested"],
-        elapsed=loop["elapsed"],
+    position = Position(epoch=loop["epoch"], batch=loop["batch"], step=loop["step"],
+                        last_val_step=loop["last_val_step"], stop_requested=loop["stop_requested"],
+                        elapsed=loop["elapsed"])
+    return Run(
+        state=_state_from(like.state, ckpt),
+        position=position,
+        acc=None if loop["acc"] is None else {"mean": loop["acc"], "sum": loop.get("sums", {})},
+        metric_names=tuple(json.loads(loop["metrics"])),
+        logged={k: decode_float(v) for k, v in json.loads(loop["logged"]).items()},
+        data_seed=loop["data_seed"],
+        callbacks={k: _decode(v) for k, v in ckpt["callbacks"].items()},
     )
-    logged = {k: decode_float(v) for k, v in json.loads(loop["logged"]).items()}
-    acc = None if loop["acc"] is None else {"mean": loop["acc"], "sum": loop.get("sums", {})}
-    return _unpack_state(state, ckpt), pos, acc, tuple(json.loads(loop["metrics"])), logged

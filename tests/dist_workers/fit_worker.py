@@ -20,7 +20,7 @@ from common import arg, digest, loss_fn, make_data, make_params, max_diff, write
 from lightfn.callbacks import EarlyStopping, ModelCheckpoint
 from lightfn.data import ArrayLoader
 from lightfn.distributed.strategy import Strategy
-from lightfn.spread import Spread, control_group
+from lightfn.fit._processes import Processes, control_group
 from lightfn.loggers import CSVLogger
 from lightfn.optim.alias import adam
 
@@ -85,7 +85,7 @@ for name in names:
     result[name] = r
 # fit's per-step vote (stop, preemption, one shared clock): a CPU all-reduce on a gloo control group
 mesh = lf.distributed.init()
-spread = Spread(mesh=mesh, strategy=Strategy(name="ddp"), step=None, state=None, eval_step=None, control=control_group(mesh))
+spread = Processes(mesh=mesh, strategy=Strategy(name="ddp"), step=None, state=None, eval_step=None, control=control_group(mesh))
 with spread.guard():
     cpu = torch.device("cpu")
     result["agree"] = [spread.vote((rank == 1, False), 1.0 + rank, cpu), spread.vote((False, False), 5.0 - rank, cpu)]
