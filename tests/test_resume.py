@@ -204,6 +204,27 @@ def test_resumed_callbacks_get_their_saved_state_not_a_fresh_one(tmp_path):
     assert Path(cbs[0].best_model_path).name == "epoch=0-step=6.safetensors"
 
 
+def test_a_resumed_run_counts_the_time_before_its_checkpoint(tmp_path):
+    # The loop position carries the run's elapsed time: callbacks see it as
+    # ctx.total_elapsed (a Timer's clock), ctx.elapsed stays this fit call's own.
+    class Clock(lf.callbacks.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_fit_start(self, ctx):
+            self.seen.append((ctx.elapsed, ctx.total_elapsed))
+
+    _fit(tmp_path, max_steps=5)
+    saved = lf.load(tmp_path / "last.safetensors", subtree="loop")["elapsed"]
+    assert saved > 0
+    clock, timer = Clock(), lf.callbacks.Timer()
+    fit(callbacks=[clock, timer, ModelCheckpoint(tmp_path, save_top_k=0)], resume_from="last",
+        **{**w.make_run(), "max_steps": 7})
+    (elapsed, total), = clock.seen
+    assert elapsed < total and total - elapsed == pytest.approx(saved)
+    assert timer.time_elapsed() > saved
+
+
 def test_a_run_stopped_by_max_steps_mid_epoch_resumes_the_rest_of_that_epoch(tmp_path):
     # 44 batches per epoch: max_steps=30 stops inside epoch 0, whose end (means, validation,
     # the epoch-end checkpoint) still runs; resumed with max_steps=60 it trains batches

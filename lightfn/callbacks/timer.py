@@ -17,55 +17,20 @@ starting a fresh budget. The value is also in :meth:`Timer.state_dict`, so
 from __future__ import annotations
 
 import datetime
-import re
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from .._duration import Duration, seconds_of
 from .base import Callback, Context, Signal
 from .early_stopping import MisconfigurationError
 
 __all__ = ["Timer", "parse_duration"]
 
-Duration = float | int | datetime.timedelta | Mapping[str, float] | str
-
-_DHMS = re.compile(r"^\s*(\d+):(\d+):(\d+):(\d+(?:\.\d*)?)\s*$")
-
-
 def parse_duration(duration: Duration) -> float:
     """Seconds from a number of seconds, a ``timedelta``, a dict of ``timedelta`` keyword
     arguments (``dict(days=1, hours=2)``) or a ``"DD:HH:MM:SS"`` string."""
-    if isinstance(duration, bool):
-        raise MisconfigurationError(f"Timer: duration must be a time, got {duration!r}")
-    if isinstance(duration, (int, float)):
-        seconds = float(duration)
-    elif isinstance(duration, datetime.timedelta):
-        seconds = duration.total_seconds()
-    elif isinstance(duration, Mapping):
-        allowed = {"weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds"}
-        unknown = sorted(set(duration) - allowed)
-        if unknown:
-            raise MisconfigurationError(
-                f"Timer: unknown duration keys {unknown}; use some of {sorted(allowed)}, "
-                "e.g. dict(hours=1, minutes=30)"
-            )
-        seconds = datetime.timedelta(**duration).total_seconds()
-    elif isinstance(duration, str):
-        match = _DHMS.match(duration)
-        if match is None:
-            raise MisconfigurationError(
-                f"Timer: duration string {duration!r} is not 'DD:HH:MM:SS' (e.g. '00:12:00:00' for 12 hours)"
-            )
-        days, hours, minutes = (int(g) for g in match.groups()[:3])
-        seconds = datetime.timedelta(days=days, hours=hours, minutes=minutes,
-                                     seconds=float(match.group(4))).total_seconds()
-    else:
-        raise MisconfigurationError(
-            f"Timer: duration must be seconds, a timedelta, a dict or 'DD:HH:MM:SS', got {type(duration).__name__}"
-        )
-    if not seconds >= 0:
-        raise MisconfigurationError(f"Timer: duration must be >= 0 seconds, got {duration!r}")
-    return seconds
+    return seconds_of(duration, who="Timer", error=MisconfigurationError)
 
 
 class Timer(Callback):

@@ -12,7 +12,8 @@ import dataclasses
 import datetime
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FitError, LightfnError
+from .._duration import seconds_of
+from ..errors import FitError
 
 if TYPE_CHECKING:
     from ._run import Position
@@ -99,18 +100,6 @@ def _count(name: str, value: int | float | None, available: int | None) -> int |
     return n
 
 
-def parse_max_time(max_time: Any) -> float | None:
-    """Seconds from a number, a ``timedelta``, a dict of timedelta fields, or ``"DD:HH:MM:SS"``."""
-    if max_time is None:
-        return None
-    from ..callbacks.timer import parse_duration
-
-    try:
-        return parse_duration(max_time)
-    except LightfnError as e:
-        raise FitError(f"max_time: {str(e).removeprefix('Timer: ')}") from None
-
-
 def make_plan(
     *,
     n_train: int | None,
@@ -159,7 +148,7 @@ def make_plan(
     return Plan(
         max_epochs=None if max_epochs == -1 else max_epochs,
         max_steps=None if max_steps == -1 else max_steps,
-        max_time=parse_max_time(max_time),
+        max_time=None if max_time is None else seconds_of(max_time, who="max_time", error=FitError),
         min_epochs=min_epochs,
         min_steps=min_steps,
         train_batches=train_batches,
