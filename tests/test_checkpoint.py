@@ -280,6 +280,8 @@ def test_fit_checkpoint_loads_into_a_train_state(tmp_path: Path) -> None:
     assert isinstance(out, lf.TrainState) and type(out.opt_state[1]) is type(fresh.opt_state[1])
     assert_same(out, trained)
     assert int(out.step) == 6
+    # without a template, the params are a plain dict, the same bits (inference)
+    assert_same(load(tmp_path / "last.safetensors")["params"], trained.params)
     # the loaded state trains on exactly like the one fit returned
     assert_same(step(out, batch), step(trained, batch))
     # the best top-k file too (same run, monitored by the epoch loss: the last epoch is best)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from lightfn.errors import LightfnError
 from lightfn.loggers import CSVLogger, Logger, LoggerError, TensorBoardLogger, image_grid
-from lightfn.loggers._yaml import dump_yaml
 
 
 def read_events(log_dir: Path) -> EventAccumulator:
@@ -66,9 +67,9 @@ def test_tensorboard_hparams_in_the_same_run(tmp_path: Path) -> None:
     assert start.hparams["betas"].string_value == "[0.9, 0.99]"
     # the scalars are in that same run (one event folder)
     assert acc.Tags()["scalars"] == ["val/loss"]
-    assert (logger.log_dir / "hparams.yaml").read_text() == (
-        'lr: 0.001\nbatch_size: 64\noptimizer: "adam"\nmodel:\n  hidden: 64\nbetas: [0.9, 0.99]\n'
-    )
+    loaded = yaml.safe_load((logger.log_dir / "hparams.yaml").read_text())
+    assert loaded == {"lr": 0.001, "batch_size": 64, "optimizer": "adam", "model": {"hidden": 64}, "betas": [0.9, 0.99]}
+    assert list(loaded) == ["lr", "batch_size", "optimizer", "model", "betas"]  # the order they were logged in
 
 
 def test_tensorboard_images(tmp_path: Path) -> None:
@@ -189,24 +190,26 @@ def test_csv_hparams_yaml(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path)
     logger.log_hparams({"lr": 1e-5, "layers": [784, 64, 3], "precision": "bf16-mixed", "seed": 0})
     logger.log_hparams({"optim": {"name": "adam", "betas": (0.9, 0.999), "eps": 1e-8}, "ckpt": None, "amp": False})
-    text = (logger.log_dir / "hparams.yaml").read_text()
-    assert text == (
-        "lr: 1.0e-05\n"
-        "layers: [784, 64, 3]\n"
-        'precision: "bf16-mixed"\n'
-        "seed: 0\n"
-        "optim:\n"
-        '  name: "adam"\n'
-        "  betas: [0.9, 0.999]\n"
-        "  eps: 1.0e-08\n"
-        "ckpt: null\n"
-        "amp: false\n"
-    )
+    loaded = yaml.safe_load((logger.log_dir / "hparams.yaml").read_text())
+    assert loaded == {
+        "lr": 1e-5,
+        "layers": [784, 64, 3],
+        "precision": "bf16-mixed",
+        "seed": 0,
+        "optim": {"name": "adam", "betas": [0.9, 0.999], "eps": 1e-8},
+        "ckpt": None,
+        "amp": False,
+    }
+    assert type(loaded["lr"]) is float and type(loaded["optim"]["eps"]) is float  # not read back as strings
+    logger.log_hparams({"lr": 3e-4})  # a later call overrides, in place
+    assert list(yaml.safe_load((logger.log_dir / "hparams.yaml").read_text()).items())[0] == ("lr", 3e-4)
 
 
-def test_yaml_writer_edge_cases() -> None:
-    assert dump_yaml({}) == "{}\n"
-    text = dump_yaml(
+def test_hparams_yaml_edge_cases(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path)
+    logger.log_hparams({})
+    assert yaml.safe_load((logger.log_dir / "hparams.yaml").read_text()) == {}
+    logger.log_hparams(
         {
             "yes": True,
             "a b": 'quote " and\nnewline',
@@ -216,22 +219,25 @@ def test_yaml_writer_edge_cases() -> None:
             "dtype": torch.float16,
             "runs": [{"lr": 0.1, "tags": ["x"]}, {"lr": 0.2, "tags": []}],
             "empty": {},
+            "null": "null",
+            "unicode": "µ-batch",
+            3: "int key",
         }
     )
-    assert text == (
-        '"yes": true\n'
-        '"a b": "quote \\" and\\nnewline"\n'
-        "inf: .inf\n"
-        "nan: .nan\n"
-        "t: 2.5\n"
-        'dtype: "torch.float16"\n'
-        "runs:\n"
-        "  - lr: 0.1\n"
-        '    tags: ["x"]\n'
-        "  - lr: 0.2\n"
-        "    tags: []\n"
-        "empty: {}\n"
-    )
+    loaded = yaml.safe_load((logger.log_dir / "hparams.yaml").read_text(encoding="utf-8"))
+    assert math.isnan(loaded.pop("nan"))
+    assert loaded == {
+        "yes": True,
+        "a b": 'quote " and\nnewline',
+        "inf": math.inf,
+        "t": 2.5,
+        "dtype": "torch.float16",
+        "runs": [{"lr": 0.1, "tags": ["x"]}, {"lr": 0.2, "tags": []}],
+        "empty": {},
+        "null": "null",
+        "unicode": "µ-batch",
+        "3": "int key",
+    }
 
 
 def test_csv_images_are_png_files(tmp_path: Path) -> None:

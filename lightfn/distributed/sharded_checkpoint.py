@@ -45,8 +45,10 @@ import torch
 import torch.distributed as dist
 
 from .. import tree
-from .._ckpt_format import SHARDED_INDEX
-from ..checkpoint import describe_structure, load, save, write_atomic
+from ..checkpoint import load, save
+from ..checkpoint._atomic import write_atomic
+from ..checkpoint._format import SHARDED_INDEX
+from ..checkpoint._structure import describe_structure
 from ..errors import CheckpointError
 from ..state import TrainState
 from .fully_sharded import ShardedParams, unshard_tree

@@ -30,9 +30,12 @@ from typing import Any
 
 import torch
 
-from .. import _ckpt_format as fmt
 from .. import tree as _tree
-from ..checkpoint import _fetcher, describe_structure, load_described, read_metadata, save
+from ..checkpoint import read_metadata, save
+from ..checkpoint._bytes import DTYPES, Header, dtype_name, open_checkpoint, read_header
+from ..checkpoint._format import parse_lightfn_meta
+from ..checkpoint._io import fetcher, load_described
+from ..checkpoint._structure import CONTAINERS, check_structure, describe_structure, node_children
 from ..errors import CheckpointError
 from ..tree import KeyPath, PyTree, keystr
 from .fully_sharded import ShardedParams
@@ -131,8 +134,8 @@ def _sharded_in(structure: dict[str, Any], where: KeyPath = ()) -> dict[str, dic
     if structure["kind"] == "node" and structure.get("type") == _SHARDED_TYPE:
         return {keystr(where): structure}
     out: dict[str, dict[str, Any]] = {}
-    if structure["kind"] in fmt.CONTAINERS:
-        for i, (entry, child) in enumerate(fmt.node_children(structure)):
+    if structure["kind"] in CONTAINERS:
+        for i, (entry, child) in enumerate(node_children(structure)):
             out.update(_sharded_in(child, where + (_optree_key(structure["kind"], i, entry),)))
     return out
 
@@ -151,7 +154,7 @@ def _check_description(folder: Path, key: str, desc: Any, world: int) -> None:
         isinstance(desc, dict)
         and isinstance(desc.get("shapes"), list)
         and all(isinstance(s, list) and all(type(d) is int and d >= 0 for d in s) for s in desc["shapes"])
-        and desc.get("dtype") in {fmt.dtype_name(t) for t in fmt.DTYPES.values()}
+        and desc.get("dtype") in {dtype_name(t) for t in DTYPES.values()}
         and type(desc.get("total")) is int
         and type(desc.get("shard_size")) is int
     )
@@ -184,12 +187,12 @@ def _params_structure(folder: Path, key: str, desc: dict[str, Any]) -> dict[str,
             if not 0 <= i < n:
                 raise CheckpointError(f"{folder / INDEX_NAME}: the tree of state{key} names leaf {i} of {n}; the index is damaged.")
             return {"kind": "tensor", "key": _leaf_key(key, i), "dtype": desc["dtype"], "shape": desc["shapes"][i], "crc32": None}
-        if node["kind"] in fmt.CONTAINERS:
-            return {**node, "children": [fill(c) for _, c in fmt.node_children(node)]}
+        if node["kind"] in CONTAINERS:
+            return {**node, "children": [fill(c) for _, c in node_children(node)]}
         raise CheckpointError(f"{folder / INDEX_NAME}: the tree of state{key} has a {node['kind']} leaf; the index is damaged.")
 
     # Validate the containers (no tensors may appear in it) before walking them.
-    fmt.check_structure(folder / INDEX_NAME, skeleton, fmt.Header(tensors={}, metadata={}))
+    check_structure(folder / INDEX_NAME, skeleton, Header(tensors={}, metadata={}))
     out = fill(skeleton)
     if sorted(seen) != list(range(n)):
         raise CheckpointError(f"{folder / INDEX_NAME}: the tree of state{key} does not number its {n} leaves once each; the index is damaged.")
@@ -236,12 +239,12 @@ def _reassembled(
     structure0: dict[str, Any] = {}
     user0: dict[str, Any] = {}
     for rank, file in enumerate(files):
-        f = stack.enter_context(fmt.open_checkpoint(file))
-        header = fmt.read_header(file, f)
-        meta = fmt.parse_lightfn_meta(file, header.metadata, verify=verify)
+        f = stack.enter_context(open_checkpoint(file))
+        header = read_header(file, f)
+        meta = parse_lightfn_meta(file, header.metadata, verify=verify)
         if meta is None:
             raise CheckpointError(f"{file}: not a lightfn checkpoint file, though {INDEX_NAME} lists it as rank {rank}'s.")
-        fmt.check_structure(file, meta.structure, header)
+        check_structure(file, meta.structure, header)
         nodes = _sharded_in(meta.structure)
         for key, desc in descs.items():
             shard = _shard_node(file, key, nodes.get(key))
@@ -257,7 +260,7 @@ def _reassembled(
             extra = sorted(nodes.keys() - descs.keys())
             if extra:
                 raise CheckpointError(f"{file}: holds sharded state{extra[0]}, which {INDEX_NAME} does not describe; the index is damaged.")
-        opened.append((file, nodes, _fetcher(file, f, header, verify=verify, default=default)))
+        opened.append((file, nodes, fetcher(file, f, header, verify=verify, default=default)))
     for key, desc in descs.items():
         _check_description(folder, key, desc, world)
     params = {key: _params_structure(folder, key, desc) for key, desc in descs.items()}
@@ -265,9 +268,9 @@ def _reassembled(
     def swap(node: dict[str, Any], where: KeyPath) -> dict[str, Any]:
         if node["kind"] == "node" and node.get("type") == _SHARDED_TYPE:
             return params[keystr(where)]
-        if node["kind"] not in fmt.CONTAINERS:
+        if node["kind"] not in CONTAINERS:
             return node
-        kids = [swap(c, where + (_optree_key(node["kind"], i, e),)) for i, (e, c) in enumerate(fmt.node_children(node))]
+        kids = [swap(c, where + (_optree_key(node["kind"], i, e),)) for i, (e, c) in enumerate(node_children(node))]
         return {**node, "children": kids}
 
     full: dict[str, tuple[torch.Tensor, ...]] = {}

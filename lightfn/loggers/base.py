@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..errors import LoggerError
 
@@ -194,3 +195,13 @@ def plain(value: Any) -> Any:
     if isinstance(value, numbers.Real):
         return float(value)
     return str(value)
+
+
+def write_hparams_yaml(log_dir: Path, hparams: Mapping[str, Any]) -> None:
+    """Write ``hparams`` to ``log_dir/hparams.yaml`` (Lightning's file name) as block-style YAML.
+
+    PyYAML's safe dumper writes only plain data, so ``yaml.safe_load`` of the file gives back
+    exactly ``plain(hparams)``; keys stay in the order they were logged.
+    """
+    text = yaml.safe_dump(plain(hparams), sort_keys=False, allow_unicode=True)
+    (log_dir / "hparams.yaml").write_text(text, encoding="utf-8")

@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from ._yaml import dump_yaml
-from .base import Logger, LoggerError, RunDir, check_metrics, image_to_uint8_chw, plain
+from .base import Logger, LoggerError, RunDir, check_metrics, image_to_uint8_chw, plain, write_hparams_yaml
 
 __all__ = ["CSVLogger"]
 
@@ -87,7 +86,7 @@ class CSVLogger(Logger):
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Write ``hparams.yaml``; calling again adds to (and overrides) earlier values."""
         self._hparams.update(plain(hparams))
-        (self.log_dir / "hparams.yaml").write_text(dump_yaml(self._hparams))
+        write_hparams_yaml(self.log_dir, self._hparams)
 
     def log_image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """Save ``images/<tag>_step<step>.png``."""

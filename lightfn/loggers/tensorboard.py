@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._yaml import dump_yaml
-from .base import Logger, LoggerError, RunDir, check_metrics, flatten_hparams, image_to_uint8_chw, plain
+from .base import Logger, LoggerError, RunDir, check_metrics, flatten_hparams, image_to_uint8_chw, plain, write_hparams_yaml
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -98,7 +97,7 @@ class TensorBoardLogger(Logger):
         _experiment, start, end = hparams_summaries(table, {})
         self.writer.file_writer.add_summary(start)
         self.writer.file_writer.add_summary(end)
-        (self.log_dir / "hparams.yaml").write_text(dump_yaml(self._hparams))
+        write_hparams_yaml(self.log_dir, self._hparams)
 
     def log_image(self, tag: str, image: torch.Tensor, step: int) -> None:
         img = image_to_uint8_chw(tag, image)
