@@ -240,7 +240,7 @@ def fit(
         )
         if resume_from is not None:
             loop.resume(_resume_path(resume_from, loop.ckpt_dir))
-        if summary and processes.main:
+        if summary and processes.is_main:
             text = model_summary(summarized)
             if not hooks.announce(loop, text):
                 print(text, flush=True)

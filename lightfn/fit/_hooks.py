@@ -81,9 +81,9 @@ def context(loop: Loop, stage: str, extra: Mapping[str, float] | None = None, *,
     run, elapsed = loop.run, loop.shared_elapsed()
     pos = run.position
     return Context(state=run.state if state is None else state, step=pos.step, epoch=pos.epoch,
-                   batch_idx=pos.batch, stage=stage, metrics={**run.logged, **(extra or {})}, is_main=loop.main,
+                   batch_idx=pos.batch, stage=stage, metrics={**run.logged, **(extra or {})}, is_main=loop.is_main,
                    elapsed=elapsed, total_elapsed=pos.elapsed + elapsed,
-                   loggers=tuple(loop.loggers) if loop.main else (), batch_metrics=dict(batch_metrics or {}))
+                   loggers=tuple(loop.loggers) if loop.is_main else (), batch_metrics=dict(batch_metrics or {}))
 
 
 def emit(loop: Loop, hook: Hook, stage: str = "train", extra: Mapping[str, float] | None = None, *,
@@ -174,7 +174,7 @@ def notify_exception(loop: Loop, error: BaseException) -> None:
 
 def announce(loop: Loop, text: str) -> bool:
     """Offer ``text`` to every callback (rank 0); True when one showed it."""
-    if not loop.main:
+    if not loop.is_main:
         return True
     ctx = context(loop, "train")
     return any([cb.on_announce(ctx, text) for cb in loop.callbacks])  # a list: every callback sees it

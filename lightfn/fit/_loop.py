@@ -65,7 +65,6 @@ class Loop:
     logger: logging.Logger = _log
 
     def __post_init__(self) -> None:
-        self.main = self.processes.main
         self.t0 = time.monotonic()
         # Announce only the first call of a step that goes through torch.compile: an eager
         # run is never said to compile.
@@ -74,6 +73,11 @@ class Loop:
         # the last vote, 0 before it), so time-based callback decisions agree everywhere.
         self.clock: float | None = 0.0 if self.processes.voting else None
         hooks.check_state_keys(self.callbacks)
+
+    @property
+    def is_main(self) -> bool:
+        """This process logs and writes files (rank 0)."""
+        return self.processes.is_main
 
     def resume(self, path: Path) -> None:
         """Continue the run saved at ``path`` (state, position, sums, logged values, and every
@@ -104,7 +108,7 @@ class Loop:
         plan, pos = self.plan, self.run.position
         with preemption_signal() as preempted:
             try:
-                if hparams and self.main:
+                if hparams and self.is_main:
                     for logger in self.loggers:
                         logger.log_hparams(dict(hparams))
                 hooks.emit(self, lambda cb, ctx: cb.on_fit_start(ctx))
@@ -137,7 +141,7 @@ class Loop:
                 hooks.notify_exception(self, error)
                 raise
             finally:
-                for logger in self.loggers if self.main else ():
+                for logger in self.loggers if self.is_main else ():
                     logger.flush()
         if self.stop_reason:
             _log.info("fit stopped at epoch %d, step %d: %s", pos.epoch, pos.step, self.stop_reason)
@@ -241,7 +245,7 @@ class Loop:
         host = {**{k: float(v) for k, v in values.items() if k not in tensors}, **to_host(tensors),
                 "epoch": self.run.position.epoch}
         self.run.logged.update(host)
-        if self.main:
+        if self.is_main:
             for logger in self.loggers:
                 logger.log_metrics(host, self.run.position.step)
 

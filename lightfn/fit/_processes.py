@@ -125,7 +125,7 @@ class Processes:
         return self.strategy is not None and self.strategy.name == "fsdp"
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
         """This process writes files: rank 0 of the mesh, or (no strategy) of any process
         group the user set up for a hand-written distributed step."""
         return self.mesh.is_main if self.active else is_main()
@@ -216,7 +216,7 @@ class Processes:
         mesh = self.mesh
         metadata = run_metadata() if metadata is None else metadata
         if not self.active:
-            if self.main:
+            if self.is_main:
                 save_run(path, run, metadata)
             return
         if agreed and mesh.distributed and run.acc is not None:
@@ -253,7 +253,7 @@ class Processes:
 
     def delete(self, path: str | os.PathLike[str]) -> None:
         """Remove a checkpoint fit no longer keeps (rank 0; a sharded folder with its files)."""
-        if not self.main:
+        if not self.is_main:
             return
         p = Path(path)
         if p.is_dir():

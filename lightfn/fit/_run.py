@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .. import tree
-from .._ckpt_format import FIT_RUN_KEYS, FIT_WRITER, FIT_WRITER_KEY, HPARAMS_KEY
+from ..checkpoint._format import FIT_RUN_KEYS, FIT_WRITER, FIT_WRITER_KEY, HPARAMS_KEY
 from ..callbacks.early_stopping import decode_float, encode_float
 from ..checkpoint import load, save
 from ..errors import FitError
