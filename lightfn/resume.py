@@ -43,7 +43,7 @@ import torch
 from . import tree
 from ._ckpt_format import FIT_RUN_KEYS, FIT_WRITER, FIT_WRITER_KEY, HPARAMS_KEY
 from .callbacks.base import Callback
-from .callbacks.early_stopping import decode_float, encode_float
+from .callbacks._common import decode_float, encode_float
 from .checkpoint import load, save
 from .loop import FitError, Position
 from .state import TrainState
