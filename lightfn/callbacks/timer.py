@@ -20,8 +20,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from ..errors import MisconfigurationError
 from .base import Callback, Context, Signal
-from .early_stopping import MisconfigurationError
 
 __all__ = ["Timer", "parse_duration"]
 

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import LoggerError
 
-__all__ = ["Logger", "LoggerError"]
+__all__ = ["Logger"]
 
 
 class Logger(abc.ABC):

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from ..errors import LoggerError
 from ._yaml import dump_yaml
-from .base import Logger, LoggerError, RunDir, check_metrics, image_to_uint8_chw, plain
+from .base import Logger, RunDir, check_metrics, image_to_uint8_chw, plain
 
 __all__ = ["CSVLogger"]
 

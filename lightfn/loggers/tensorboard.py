@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import LoggerError
 from ._yaml import dump_yaml
-from .base import Logger, LoggerError, RunDir, check_metrics, flatten_hparams, image_to_uint8_chw, plain
+from .base import Logger, RunDir, check_metrics, flatten_hparams, image_to_uint8_chw, plain
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter

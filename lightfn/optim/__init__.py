@@ -21,7 +21,7 @@ decay, momentum, freezing), ``adaptive`` (Adam/RMS/RSS/Lion scalings), ``clippin
 
 from __future__ import annotations
 
-from ._checks import OptimizerConfigError, StateMismatchError
+from ..errors import OptimizerConfigError, StateMismatchError
 from .adaptive import (
     ScaleByAdamState,
     ScaleByLionState,

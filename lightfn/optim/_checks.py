@@ -17,8 +17,6 @@ from .._diagnostics import describe, describe_type, diff_by_path
 from ..errors import OptimizerConfigError, StateMismatchError, StepError, TreeError
 
 __all__ = [
-    "StateMismatchError",
-    "OptimizerConfigError",
     "check_state",
     "with_types_of",
     "check_params",

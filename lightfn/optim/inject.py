@@ -50,8 +50,8 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import tree as _tree
-from ..errors import StepError
-from ._checks import StateMismatchError, check_params, check_state, scalar_dtype, zero_count
+from ..errors import StateMismatchError, StepError
+from ._checks import check_params, check_state, scalar_dtype, zero_count
 from .base import GradientTransformation, PyTree, call_inner
 
 __all__ = ["InjectHyperparamsState", "inject_hyperparams"]
