@@ -25,12 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import tree
+from ._device import resolve_device
 from .callbacks.base import Callback, Context, Signal
 from .data import iterate, num_batches
 from .errors import FitError
 from .eval_sets import named_sets, prefix
 from .loggers.base import Logger
-from .loop import batch_dtype, move_batch, resolve_device
+from .loop import batch_dtype, move_batch
 from .metrics import ComputeFn
 from .runner import EvalRunner, evaluate
 from .state import TrainState

@@ -30,6 +30,7 @@ import torch
 
 from . import optim, tree
 from .data import iterate, num_batches
+from ._device import resolve_device
 from .errors import FitError, LightfnError
 from .step import EvalStep, TrainStep
 from .transforms import Jitted
@@ -324,20 +325,6 @@ class Position:
 
 
 # ----------------------------------------------------------------------------- devices, processes
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``"auto"``: CUDA when available, else MPS, else CPU; anything else as given."""
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise FitError(f"device={device!r} is not a device ({e}); use 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'") from None
 
 
 @contextlib.contextmanager

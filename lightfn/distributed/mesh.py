@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .. import tree
+from .._device import resolve_device
 from ..errors import DistributedError
 from ._lifetime import adopt, before_init
 
@@ -134,10 +135,10 @@ def require_launched(what: str) -> None:
 
 
 def single_process_mesh(device: torch.device | str | None = None) -> Mesh:
-    """The mesh of a plain ``python script.py`` run: rank 0 of 1, no process group."""
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return Mesh(device=torch.device(device))
+    """The mesh of a plain ``python script.py`` run: rank 0 of 1, no process group.
+
+    ``device`` as fit reads it (``None`` or ``"auto"``: CUDA, else MPS, else the CPU)."""
+    return Mesh(device=resolve_device(device, error=DistributedError))
 
 
 def _env_int(name: str) -> int:
