@@ -66,7 +66,7 @@ def describe(x: Any, *, brief: bool = False) -> str:
     """A value as an error message names it.
 
     In prose (the default, after "got"): ``a tensor of shape (3,) float32``, ``a tuple of 2
-    (Tensor, dict)``, ``a list``. ``brief=True`` is the form of a column in a tree
+    (Tensor, dict)``, ``an empty list``, ``a list``. ``brief=True`` is the form of a column in a tree
     difference: ``tensor(3,) float32``, ``float 2.5`` (a non-tensor with its value).
     """
     if brief:
@@ -75,6 +75,8 @@ def describe(x: Any, *, brief: bool = False) -> str:
         return f"{type(x).__name__} {x!r}"[:80]
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)} {dtype_name(x.dtype)}"
+    if isinstance(x, (list, tuple)) and not x:
+        return f"an empty {type(x).__name__}"
     if isinstance(x, tuple):
         return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
     return f"a {type(x).__name__}"
@@ -122,12 +124,14 @@ def diff_by_path(
     return lines
 
 
-def first_line(error: BaseException | str, limit: int = 300) -> str:
-    """The first non-empty line of an error's text (its type name if it has none), cut to
-    ``limit`` characters: torch's compile and export errors run to pages."""
+def first_line(error: BaseException | str, limit: int = 300, *, fallback: str | None = None) -> str:
+    """The first non-empty line of an error's text, cut to ``limit`` characters: torch's
+    compile, export and backend errors run to pages. Without text: ``fallback``, by
+    default the error's type name (for a message that does not name the type already)."""
     text = str(error)
     lines = [s.strip() for s in text.splitlines() if s.strip()]
-    fallback = type(error).__name__ if isinstance(error, BaseException) else ""
+    if fallback is None:
+        fallback = type(error).__name__ if isinstance(error, BaseException) else ""
     return (lines[0] if lines else fallback)[:limit]
 
 

@@ -152,7 +152,7 @@ def watch_side_effects(fn: Any) -> Iterator[None]:
     printed = out.getvalue().strip()
     if printed:
         raise ExportError(
-            f"{fn_name(fn)} printed while being traced ({printed.splitlines()[0][:60]!r}): print and other Python side effects run "
+            f"{fn_name(fn)} printed while being traced ({first_line(printed, 60)!r}): print and other Python side effects run "
             "once at export time and are not part of the exported program. Move them out of the "
             "function (print its outputs instead)."
         )

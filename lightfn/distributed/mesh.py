@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from .. import tree
 from .._device import resolve_device
+from .._diagnostics import dtype_name, first_line
 from ..errors import DistributedError
 from ._lifetime import adopt, before_init
 
@@ -251,7 +252,7 @@ def init(
         except (RuntimeError, ValueError, TimeoutError) as e:
             raise DistributedError(
                 f"rank {rank_} of {world} could not join the process group at {addr} within {timeout:g} s "
-                f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). Are all "
+                f"({type(e).__name__}: {first_line(e, fallback='')}). Are all "
                 f"{world} ranks running, and can they reach MASTER_ADDR? {LAUNCH_HINT}"
             ) from e
         adopt(timeout)  # lightfn made the group, so lightfn ends it (at exit, or lf.distributed.shutdown())
@@ -307,7 +308,7 @@ def guard(mesh: Mesh, what: str = "a collective") -> Iterator[None]:
             f"{what} failed on rank {mesh.rank} of {mesh.world_size}: another rank probably died, was killed, or "
             f"stalled for more than the {mesh.timeout:g} s timeout (set it with lf.distributed.init(timeout=...), in "
             "fit with strategy=lf.distributed.Strategy(name=..., timeout=...)); "
-            f"check the other ranks' logs for the first error. Backend said: {text.strip().splitlines()[0][:300]}"
+            f"check the other ranks' logs for the first error. Backend said: {first_line(text)}"
         ) from e
 
 
@@ -367,7 +368,7 @@ def _fingerprint(tree_: Any) -> list[list[str]]:
     out = []
     for path, x in tree.leaves_with_path(tree_):
         if isinstance(x, torch.Tensor):
-            out.append([tree.keystr(path), f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"])
+            out.append([tree.keystr(path), f"{tuple(x.shape)} {dtype_name(x.dtype)}"])
         else:
             out.append([tree.keystr(path), type(x).__name__])
     out.append(["<structure>", str(tree.structure(tree_))])
