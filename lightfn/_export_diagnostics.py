@@ -16,7 +16,7 @@ import inspect
 import io
 import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch

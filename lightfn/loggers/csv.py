@@ -26,15 +26,15 @@ from typing import Any
 import torch
 
 from ..errors import LoggerError
-from ._yaml import dump_yaml
-from .base import Logger, RunDir, check_metrics, image_to_uint8_chw, plain
+from ._file import FileLogger
+from .base import check_metrics, image_to_uint8_chw
 
 __all__ = ["CSVLogger"]
 
 METRICS_FILE = "metrics.csv"
 
 
-class CSVLogger(Logger):
+class CSVLogger(FileLogger):
     """Writes metrics to ``metrics.csv`` in ``save_dir/name/version_N``.
 
     Args:
@@ -58,19 +58,10 @@ class CSVLogger(Logger):
     ) -> None:
         if isinstance(flush_every_n_rows, bool) or not isinstance(flush_every_n_rows, int) or flush_every_n_rows < 1:
             raise LoggerError(f"flush_every_n_rows must be an int >= 1, got {flush_every_n_rows!r}")
-        self._run = RunDir(save_dir, name, version)
+        super().__init__(save_dir, name, version)
         self._flush_every = flush_every_n_rows
         self._pending: list[dict[str, float | int]] = []
         self._columns: list[str] | None = None  # metric columns of the file on disk, once known
-        self._hparams: dict[str, Any] = {}
-
-    @property
-    def log_dir(self) -> Path:
-        return self._run.path
-
-    @property
-    def version(self) -> int:
-        return self._run.version
 
     @property
     def metrics_file(self) -> Path:
@@ -87,8 +78,7 @@ class CSVLogger(Logger):
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Write ``hparams.yaml``; calling again adds to (and overrides) earlier values."""
-        self._hparams.update(plain(hparams))
-        (self.log_dir / "hparams.yaml").write_text(dump_yaml(self._hparams))
+        self._add_hparams(hparams)
 
     def log_image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """Save ``images/<tag>_step<step>.png``."""

@@ -14,7 +14,7 @@ import torch
 
 from .. import tree as _tree
 from .._diagnostics import describe, describe_type, diff_by_path
-from ..errors import OptimizerConfigError, StateMismatchError, StepError, TreeError
+from ..errors import OptimizerConfigError, StateMismatchError, TreeError
 
 __all__ = [
     "check_state",

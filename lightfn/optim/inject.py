@@ -49,7 +49,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .. import tree as _tree
 from .._diagnostics import first_line
 from ..errors import StateMismatchError, StepError
 from ._checks import check_params, check_state, scalar_dtype, zero_count
