@@ -7,6 +7,7 @@ here, so a value, a path or a tree difference reads the same in every message:
 * :func:`keystr`: a key path (``['params']['enc.0.weight']``);
 * :func:`describe`: a value, in prose (``a tensor of shape (3,) float32``) or brief
   (``tensor(3,) float32``, ``float 2.5``), and :func:`describe_type` for a type;
+* :func:`not_a_tensor`: a pytree leaf that must be a tensor and is not;
 * :func:`diff_by_path`: the lines of a "these two trees differ" message, one per path;
 * :func:`first_line` and :func:`user_frame`: the gist of a torch error and the innermost
   frame of the user's own code (under compile and export errors torch's text is long).
@@ -32,6 +33,7 @@ __all__ = [
     "tensor_text",
     "describe",
     "describe_type",
+    "not_a_tensor",
     "diff_by_path",
     "first_line",
     "user_frame",
@@ -89,6 +91,12 @@ def describe_type(cls: type) -> str:
     if issubclass(cls, tuple) and isinstance(fields, tuple):
         return f"{cls.__name__}({', '.join(fields)})"
     return cls.__name__
+
+
+def not_a_tensor(where: str, leaf: Any, advice: str) -> str:
+    """``<where> has type float, not a tensor: <advice>``: one wording for every pytree
+    leaf (params, example inputs, data) that must be a tensor and is not."""
+    return f"{where} has type {type(leaf).__name__}, not a tensor: {advice}"
 
 
 def diff_by_path(

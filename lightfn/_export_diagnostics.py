@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import tree
-from ._diagnostics import first_line, user_frame
+from ._diagnostics import first_line, not_a_tensor, user_frame
 from .errors import ExportError
 
 __all__ = [
@@ -38,11 +38,11 @@ __all__ = [
 def check_tensors(args: Any, root: str) -> None:
     for path, leaf in tree.leaves_with_path(args):
         if not isinstance(leaf, torch.Tensor):
-            raise ExportError(
-                f"{tree.keystr(path, root)} has type {type(leaf).__name__}, not a tensor: every example input "
-                "(and params leaf) must be a tensor or a pytree of tensors. Close over other values "
-                "instead, e.g. export(lambda x: fn(x, 3), x)."
-            )
+            raise ExportError(not_a_tensor(
+                tree.keystr(path, root), leaf,
+                "every example input (and params leaf) must be a tensor or a pytree of tensors. Close over "
+                "other values instead, e.g. export(lambda x: fn(x, 3), x).",
+            ))
 
 
 def refuse_item(fn: Any, program: torch.export.ExportedProgram) -> None:
