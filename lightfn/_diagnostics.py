@@ -8,6 +8,7 @@ here, so a value, a path or a tree difference reads the same in every message:
 * :func:`describe`: a value, in prose (``a tensor of shape (3,) float32``) or brief
   (``tensor(3,) float32``, ``float 2.5``), and :func:`describe_type` for a type;
 * :func:`not_a_tensor`: a pytree leaf that must be a tensor and is not;
+* :func:`fn_name`: a user's function (``function 'loss_fn'``, ``module MLP``);
 * :func:`diff_by_path`: the lines of a "these two trees differ" message, one per path;
 * :func:`first_line` and :func:`user_frame`: the gist of a torch error and the innermost
   frame of the user's own code (under compile and export errors torch's text is long).
@@ -18,10 +19,12 @@ use it too.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sysconfig
 import traceback
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -34,6 +37,7 @@ __all__ = [
     "describe",
     "describe_type",
     "not_a_tensor",
+    "fn_name",
     "diff_by_path",
     "first_line",
     "user_frame",
@@ -97,6 +101,18 @@ def not_a_tensor(where: str, leaf: Any, advice: str) -> str:
     """``<where> has type float, not a tensor: <advice>``: one wording for every pytree
     leaf (params, example inputs, data) that must be a tensor and is not."""
     return f"{where} has type {type(leaf).__name__}, not a tensor: {advice}"
+
+
+def fn_name(fn: Any) -> str:
+    """A function as a message names it: ``function 'loss_fn'``, ``module MLP``, or ``the
+    function`` for a lambda or another callable (a partial names the function it wraps)."""
+    if isinstance(fn, functools.partial):
+        return fn_name(fn.func)
+    if isinstance(fn, (types.FunctionType, types.MethodType)) and fn.__name__ != "<lambda>":
+        return f"function {fn.__qualname__!r}"
+    if isinstance(fn, torch.nn.Module):
+        return f"module {type(fn).__name__}"
+    return "the function"
 
 
 def diff_by_path(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import tree
-from ._diagnostics import first_line, not_a_tensor, user_frame
+from ._diagnostics import first_line, fn_name, not_a_tensor, user_frame
 from .errors import ExportError
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "explain_trace_failure",
     "refuse_item",
     "check_runs_at_batch_one",
-    "fn_name",
 ]
 
 
@@ -93,16 +92,6 @@ def explain_trace_failure(fn: Any, e: BaseException, strict: bool) -> str:
         f"torch.export could not trace {fn_name(fn)}{at}: {first_line(e)}. Try strict={not strict} "
         "or simplify the function; torch's full report is the chained exception."
     )
-
-
-def fn_name(fn: Any) -> str:
-    if isinstance(fn, functools.partial):
-        return fn_name(fn.func)
-    if isinstance(fn, (types.FunctionType, types.MethodType)) and fn.__name__ != "<lambda>":
-        return f"function {fn.__qualname__!r}"
-    if isinstance(fn, torch.nn.Module):
-        return f"module {type(fn).__name__}"
-    return "the function"
 
 
 _MUTABLE = (list, dict, set, bytearray, collections.deque)
