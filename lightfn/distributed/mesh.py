@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from .. import tree
 from .._device import resolve_device
-from .._diagnostics import dtype_name, first_line
+from .._diagnostics import diff_by_path, dtype_name, first_line
 from ..errors import DistributedError
 from ._lifetime import adopt, before_init
 
@@ -406,16 +406,18 @@ def check_same_structure(tree_: Any, mesh: Mesh, *, what: str = "params") -> Non
         other = json.loads(raw)
         if other == ref:
             continue
-        ref_d, oth_d = dict(map(tuple, ref)), dict(map(tuple, other))
-        order = [p for p, _ in ref] + [p for p, _ in other if p not in ref_d]
-        for p in order:
-            a, b = ref_d.get(p, "missing"), oth_d.get(p, "missing")
-            if a != b:
-                if p == "<structure>":
-                    detail = f"structure differs: rank 0 has {a}, rank {r} has {b}"
-                else:
-                    detail = f"{what}{p}: rank 0 has {a}, rank {r} has {b}"
-                raise DistributedError(
-                    f"ranks disagree on {what}: {detail}. Every rank must build the same model and state "
-                    "(same code, config and seed-independent shapes)."
-                )
+        differences = diff_by_path(
+            dict(map(tuple, ref)),
+            dict(map(tuple, other)),
+            same=lambda a, b: a == b,
+            show=str,
+            where=lambda p: "structure differs" if p == "<structure>" else f"{what}{p}",
+            missing=f"rank 0 has {{e}}, rank {r} has missing",
+            unexpected=f"rank 0 has missing, rank {r} has {{a}}",
+            differs=f"rank 0 has {{e}}, rank {r} has {{a}}",
+        )
+        if differences:
+            raise DistributedError(
+                f"ranks disagree on {what}: {differences[0].strip()}. Every rank must build the same model and "
+                "state (same code, config and seed-independent shapes)."
+            )
