@@ -7,13 +7,12 @@ safetensors. See README.md for the quickstart and the Lightning -> lightfn table
 
 from __future__ import annotations
 
-from . import callbacks, data, distributed, loggers, metrics, optim, privacy, random, tree
-from .errors import CheckpointError, CompileError, DistributedError, ExportError, LightfnError, StepError, TreeError
+from . import callbacks, data, distributed, errors, loggers, metrics, optim, privacy, random, tree
+from .errors import *  # noqa: F403 (every exception type, listed in errors.__all__)
 from .checkpoint import load, read_metadata, save
 from .ensemble import ensemble
 from .export import export, export_aot, export_onnx
 from .fit import fit, test, validate
-from .errors import FitError, PrivacyError
 from .module import functionalize
 from .freezing import combine, partition
 from .per_sample import per_sample_grad
@@ -69,14 +68,6 @@ __all__ = [
     "export_onnx",
     "export_aot",
     "predict",
-    # errors
-    "LightfnError",
-    "TreeError",
-    "StepError",
-    "CompileError",
-    "CheckpointError",
-    "ExportError",
-    "DistributedError",
-    "FitError",
-    "PrivacyError",
+    # errors: every exception type lightfn raises
+    *errors.__all__,
 ]

@@ -1,11 +1,11 @@
 """Where to run: the one rule that turns ``"auto"``, ``None``, a name or a device into a
-``torch.device`` (fit, predict and the distributed mesh all ask it)."""
+``torch.device`` (fit, validate/test, predict and the single-process mesh all ask it)."""
 
 from __future__ import annotations
 
 import torch
 
-from .errors import LightfnError
+from .errors import DeviceError, LightfnError
 
 __all__ = ["default_device", "resolve_device"]
 
@@ -19,10 +19,10 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_device(device: torch.device | str | None, *, error: type[LightfnError] = LightfnError) -> torch.device:
+def resolve_device(device: torch.device | str | None, *, error: type[LightfnError] = DeviceError) -> torch.device:
     """``"auto"`` or ``None``: :func:`default_device`; anything else as ``torch.device``
-    reads it. A value that names no device raises ``error`` (the caller's own type, e.g.
-    ``FitError``), saying what is accepted."""
+    reads it. A value that names no device raises ``error`` (:class:`DeviceError` unless
+    the caller names its own type), saying what is accepted."""
     if device is None or (isinstance(device, str) and device == "auto"):
         return default_device()
     try:

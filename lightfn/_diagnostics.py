@@ -7,6 +7,8 @@ here, so a value, a path or a tree difference reads the same in every message:
 * :func:`keystr`: a key path (``['params']['enc.0.weight']``);
 * :func:`describe`: a value, in prose (``a tensor of shape (3,) float32``) or brief
   (``tensor(3,) float32``, ``float 2.5``), and :func:`describe_type` for a type;
+* :func:`not_a_tensor`: a pytree leaf that must be a tensor and is not;
+* :func:`fn_name`: a user's function (``function 'loss_fn'``, ``module MLP``);
 * :func:`diff_by_path`: the lines of a "these two trees differ" message, one per path;
 * :func:`first_line` and :func:`user_frame`: the gist of a torch error and the innermost
   frame of the user's own code (under compile and export errors torch's text is long).
@@ -17,10 +19,12 @@ use it too.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sysconfig
 import traceback
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -32,6 +36,8 @@ __all__ = [
     "tensor_text",
     "describe",
     "describe_type",
+    "not_a_tensor",
+    "fn_name",
     "diff_by_path",
     "first_line",
     "user_frame",
@@ -66,7 +72,7 @@ def describe(x: Any, *, brief: bool = False) -> str:
     """A value as an error message names it.
 
     In prose (the default, after "got"): ``a tensor of shape (3,) float32``, ``a tuple of 2
-    (Tensor, dict)``, ``a list``. ``brief=True`` is the form of a column in a tree
+    (Tensor, dict)``, ``an empty list``, ``a list``. ``brief=True`` is the form of a column in a tree
     difference: ``tensor(3,) float32``, ``float 2.5`` (a non-tensor with its value).
     """
     if brief:
@@ -75,6 +81,8 @@ def describe(x: Any, *, brief: bool = False) -> str:
         return f"{type(x).__name__} {x!r}"[:80]
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)} {dtype_name(x.dtype)}"
+    if isinstance(x, (list, tuple)) and not x:
+        return f"an empty {type(x).__name__}"
     if isinstance(x, tuple):
         return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
     return f"a {type(x).__name__}"
@@ -87,6 +95,24 @@ def describe_type(cls: type) -> str:
     if issubclass(cls, tuple) and isinstance(fields, tuple):
         return f"{cls.__name__}({', '.join(fields)})"
     return cls.__name__
+
+
+def not_a_tensor(where: str, leaf: Any, advice: str) -> str:
+    """``<where> has type float, not a tensor: <advice>``: one wording for every pytree
+    leaf (params, example inputs, data) that must be a tensor and is not."""
+    return f"{where} has type {type(leaf).__name__}, not a tensor: {advice}"
+
+
+def fn_name(fn: Any) -> str:
+    """A function as a message names it: ``function 'loss_fn'``, ``module MLP``, or ``the
+    function`` for a lambda or another callable (a partial names the function it wraps)."""
+    if isinstance(fn, functools.partial):
+        return fn_name(fn.func)
+    if isinstance(fn, (types.FunctionType, types.MethodType)) and fn.__name__ != "<lambda>":
+        return f"function {fn.__qualname__!r}"
+    if isinstance(fn, torch.nn.Module):
+        return f"module {type(fn).__name__}"
+    return "the function"
 
 
 def diff_by_path(
@@ -122,12 +148,14 @@ def diff_by_path(
     return lines
 
 
-def first_line(error: BaseException | str, limit: int = 300) -> str:
-    """The first non-empty line of an error's text (its type name if it has none), cut to
-    ``limit`` characters: torch's compile and export errors run to pages."""
+def first_line(error: BaseException | str, limit: int = 300, *, fallback: str | None = None) -> str:
+    """The first non-empty line of an error's text, cut to ``limit`` characters: torch's
+    compile, export and backend errors run to pages. Without text: ``fallback``, by
+    default the error's type name (for a message that does not name the type already)."""
     text = str(error)
     lines = [s.strip() for s in text.splitlines() if s.strip()]
-    fallback = type(error).__name__ if isinstance(error, BaseException) else ""
+    if fallback is None:
+        fallback = type(error).__name__ if isinstance(error, BaseException) else ""
     return (lines[0] if lines else fallback)[:limit]
 
 

@@ -16,13 +16,13 @@ import inspect
 import io
 import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from . import tree
-from ._diagnostics import first_line, user_frame
+from ._diagnostics import first_line, fn_name, not_a_tensor, user_frame
 from .errors import ExportError
 
 __all__ = [
@@ -31,18 +31,17 @@ __all__ = [
     "explain_trace_failure",
     "refuse_item",
     "check_runs_at_batch_one",
-    "fn_name",
 ]
 
 
 def check_tensors(args: Any, root: str) -> None:
     for path, leaf in tree.leaves_with_path(args):
         if not isinstance(leaf, torch.Tensor):
-            raise ExportError(
-                f"{tree.keystr(path, root)} has type {type(leaf).__name__}, not a tensor: every example input "
-                "(and params leaf) must be a tensor or a pytree of tensors. Close over other values "
-                "instead, e.g. export(lambda x: fn(x, 3), x)."
-            )
+            raise ExportError(not_a_tensor(
+                tree.keystr(path, root), leaf,
+                "every example input (and params leaf) must be a tensor or a pytree of tensors. Close over "
+                "other values instead, e.g. export(lambda x: fn(x, 3), x).",
+            ))
 
 
 def refuse_item(fn: Any, program: torch.export.ExportedProgram) -> None:
@@ -95,16 +94,6 @@ def explain_trace_failure(fn: Any, e: BaseException, strict: bool) -> str:
     )
 
 
-def fn_name(fn: Any) -> str:
-    if isinstance(fn, functools.partial):
-        return fn_name(fn.func)
-    if isinstance(fn, (types.FunctionType, types.MethodType)) and fn.__name__ != "<lambda>":
-        return f"function {fn.__qualname__!r}"
-    if isinstance(fn, torch.nn.Module):
-        return f"module {type(fn).__name__}"
-    return "the function"
-
-
 _MUTABLE = (list, dict, set, bytearray, collections.deque)
 
 
@@ -152,7 +141,7 @@ def watch_side_effects(fn: Any) -> Iterator[None]:
     printed = out.getvalue().strip()
     if printed:
         raise ExportError(
-            f"{fn_name(fn)} printed while being traced ({printed.splitlines()[0][:60]!r}): print and other Python side effects run "
+            f"{fn_name(fn)} printed while being traced ({first_line(printed, 60)!r}): print and other Python side effects run "
             "once at export time and are not part of the exported program. Move them out of the "
             "function (print its outputs instead)."
         )

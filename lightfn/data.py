@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from . import tree as _tree
+from ._diagnostics import not_a_tensor
 from ._poisson import OVERFLOW_PROBABILITY, poisson_capacity, poisson_rows
 from .errors import DataError
 
@@ -151,10 +152,9 @@ class ArrayLoader:
             raise DataError(f"ArrayLoader got no tensors: data is {type(data).__name__} {data!r:.80}")
         for path, leaf in leaves_with_path:
             if not isinstance(leaf, torch.Tensor):
-                raise DataError(
-                    f"ArrayLoader data leaf {_tree.keystr(path)} has type {type(leaf).__name__}, not torch.Tensor; "
-                    "convert it first (e.g. torch.as_tensor(array))"
-                )
+                raise DataError(not_a_tensor(
+                    f"ArrayLoader data leaf {_tree.keystr(path)}", leaf, "convert it first (e.g. torch.as_tensor(array))"
+                ))
             if leaf.dim() == 0:
                 raise DataError(
                     f"ArrayLoader data leaf {_tree.keystr(path)} is a 0-d tensor; every leaf needs a leading "

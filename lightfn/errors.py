@@ -1,4 +1,4 @@
-"""The exception types lightfn raises.
+"""The exception types lightfn raises: every one lightfn defines lives here.
 
 Every error lightfn raises on bad input derives from :class:`LightfnError`, so a caller
 can catch them all in one place; the subclasses say which part of the library refused.
@@ -6,8 +6,27 @@ They also derive from the builtin a Python user would expect (``ValueError``/``T
 so code written against plain PyTorch keeps catching them. The one exception that is not
 an error, :class:`Preempted`, is a clean ``SystemExit`` that ``fit`` raises after a SIGTERM.
 
-Every exception type lightfn defines lives here (the modules that raise one re-export it
-where it was always importable from, e.g. ``lf.optim.StateMismatchError``).
+* :class:`LightfnError`: the base of all below (but ``Preempted``);
+* :class:`TreeError`: two pytrees that must match do not;
+* :class:`StepError`: a loss or step function, or its output, has the wrong form;
+  :class:`StateMismatchError` (a ``StepError``): an optimizer state from another optimizer;
+* :class:`CompileError`: ``lf.jit`` could not compile a function into one graph;
+* :class:`CheckpointError`: a checkpoint is unreadable or does not fit its template;
+* :class:`ExportError`: a function could not be exported for inference;
+* :class:`DistributedError`: the process group or a sharded step is misconfigured;
+* :class:`DeviceError`: a ``device`` argument names no device;
+* :class:`FitError`: an argument of ``lf.fit`` (or ``validate``/``test``) does not fit the run;
+* :class:`Preempted`: ``fit`` stopped cleanly after a SIGTERM (a ``SystemExit``);
+* :class:`DataError`: a dataset or loader argument is unusable;
+* :class:`LoggerError`: a value handed to a logger cannot be logged;
+* :class:`MisconfigurationError`: a callback's arguments do not fit the run;
+* :class:`NonFiniteLossError`: a monitored metric became NaN or infinite;
+* :class:`OptimizerConfigError`: an optimizer hyperparameter is out of range;
+* :class:`PrivacyError`: a differential-privacy setting is out of range.
+
+All are importable as ``lf.<Name>``; the public namespaces that always offered one keep
+it too (``lf.callbacks.MisconfigurationError``, ``lf.loggers.LoggerError``,
+``lf.optim.StateMismatchError``, ``lf.data.DataError``...).
 """
 
 from __future__ import annotations
@@ -25,6 +44,7 @@ __all__ = [
     "CheckpointError",
     "ExportError",
     "DistributedError",
+    "DeviceError",
     "FitError",
     "Preempted",
     "DataError",
@@ -63,6 +83,10 @@ class ExportError(LightfnError, RuntimeError):
 
 class DistributedError(LightfnError, RuntimeError):
     """The process group or the sharded step is misconfigured."""
+
+
+class DeviceError(LightfnError, ValueError):
+    """A ``device`` argument (of fit, predict, validate...) names no device."""
 
 
 class FitError(LightfnError, ValueError):

@@ -45,7 +45,7 @@ def named_sets(data: Any, what: str = "val_data") -> dict[str | None, Any]:
                 raise FitError(f"{what} has the key {name!r}; validation set names must be non-empty strings without '/'")
             if _kind(loader) != "loader":
                 raise FitError(
-                    f"{what}[{name!r}] is {_what(loader)}, not a loader: each value of a dict is one validation set. "
+                    f"{what}[{name!r}] is {describe(loader)}, not a loader: each value of a dict is one validation set. "
                     f"For one batch write {what}=[batch]; otherwise {_FORMS}"
                 )
         return dict(data)
@@ -54,7 +54,7 @@ def named_sets(data: Any, what: str = "val_data") -> dict[str | None, Any]:
         if "unclear" in kinds:
             i = kinds.index("unclear")
             raise FitError(
-                f"{what}[{i}] is {_what(data[i])}, neither a batch (with tensors among its items) nor a loader of such "
+                f"{what}[{i}] is {describe(data[i])}, neither a batch (with tensors among its items) nor a loader of such "
                 f"batches; {_FORMS}"
             )
         if all(k == "loader" for k in kinds):
@@ -62,7 +62,7 @@ def named_sets(data: Any, what: str = "val_data") -> dict[str | None, Any]:
         if "loader" in kinds:
             i, j = kinds.index("batch"), kinds.index("loader")
             raise FitError(
-                f"{what} mixes batches ({what}[{i}] is {_what(data[i])}) and loaders ({what}[{j}] is {_what(data[j])}); "
+                f"{what} mixes batches ({what}[{i}] is {describe(data[i])}) and loaders ({what}[{j}] is {describe(data[j])}); "
                 f"{_FORMS}"
             )
     return {None: data}
@@ -89,6 +89,3 @@ def _kind(x: Any) -> str:
         return "unclear"
     return "loader" if isinstance(x, Iterable) else "batch"
 
-
-def _what(x: Any) -> str:
-    return "an empty " + type(x).__name__ if isinstance(x, (list, tuple)) and not x else describe(x)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import _attention
+from ._diagnostics import describe
 from .errors import StepError
 
 __all__ = [
@@ -73,8 +74,9 @@ def key(seed: int, device: torch.device | str | None = None) -> torch.Tensor:
 
 def _check_key(k: Any) -> torch.Tensor:
     if not isinstance(k, torch.Tensor) or k.dtype != torch.int64 or k.shape[-1:] != (2,):
-        what = f"tensor{tuple(k.shape)} {k.dtype}" if isinstance(k, torch.Tensor) else type(k).__name__
-        raise StepError(f"expected a lightfn random key (int64 tensor of shape (2,) from lf.random.key), got {what}")
+        raise StepError(
+            f"expected a lightfn random key (int64 tensor of shape (2,) from lf.random.key), got {describe(k, brief=True)}"
+        )
     return k
 
 

@@ -55,10 +55,10 @@ import torch
 from . import random as lf_random
 from . import tree
 from ._diagnostics import describe
-from .errors import StepError, TreeError
+from .errors import StateMismatchError, StepError, TreeError
 from .metrics import Sum, check_states
 from .optim import GradientTransformation, apply_updates
-from .optim._checks import StateMismatchError, with_types_of
+from .optim._checks import with_types_of
 from .freezing import partition, split_leaves
 from .state import LossScale, TrainState
 from .transforms import value_and_grad

@@ -24,7 +24,7 @@ import torch
 import torch.func
 
 from . import tree
-from ._diagnostics import first_line, user_frame
+from ._diagnostics import first_line, fn_name, user_frame
 from ._isa import isa_options, remember_isa_probe
 from ._quiet import compile_messages_quieted
 from .errors import CompileError, LightfnError, StepError
@@ -237,10 +237,10 @@ def _explain_failure(fn: Callable[..., Any], e: Exception, args: tuple[Any, ...]
     except LightfnError as user_error:
         return user_error
     except Exception as eager_error:  # noqa: BLE001
-        return StepError(f"{fn.__qualname__} fails even without compilation: {type(eager_error).__name__}: {eager_error}")
+        return StepError(f"{fn_name(fn)} fails even without compilation: {type(eager_error).__name__}: {eager_error}")
     where = user_frame(e)
     return CompileError(
-        f"lf.jit could not compile {getattr(fn, '__qualname__', fn)!s} into one graph: {first_line(e)}"
+        f"lf.jit could not compile {fn_name(fn)} into one graph: {first_line(e)}"
         + (f"\n {where}" if where else "")
         + "\n  Fix: keep the function pure tensor code (no .item(), print, Python branching on tensor values,"
         " or data-dependent shapes); use torch.where instead of `if` on tensors."

@@ -26,7 +26,7 @@ import optree
 import torch
 import torch.utils._pytree as torch_pytree
 
-from ._diagnostics import diff_by_path, keystr
+from ._diagnostics import describe, diff_by_path, dtype_name, keystr
 from .errors import TreeError
 
 __all__ = [
@@ -326,21 +326,17 @@ def _first_difference(ref: PyTree, other: PyTree, index: int) -> str:
         )
     for (path, a), b in zip(ref_leaves, (x for _, x in other_leaves)):
         if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
-            return f"{keystr(path)}: trees[0] has {_describe(a)}, trees[{index}] has {_describe(b)}"
+            return f"{keystr(path)}: trees[0] has {describe(a)}, trees[{index}] has {describe(b)}"
         if isinstance(a, torch.Tensor):
             if a.shape != b.shape:
                 return f"{keystr(path)}: shape {tuple(b.shape)} in trees[{index}], {tuple(a.shape)} in trees[0]"
             if a.dtype != b.dtype:
-                return f"{keystr(path)}: dtype {_dtype(b)} in trees[{index}], {_dtype(a)} in trees[0]"
+                return f"{keystr(path)}: dtype {dtype_name(b.dtype)} in trees[{index}], {dtype_name(a.dtype)} in trees[0]"
             if a.device != b.device:
                 return f"{keystr(path)}: device {b.device} in trees[{index}], {a.device} in trees[0]"
         elif a is not b and a != b:
             return f"{keystr(path)}: the non-tensor leaf is {b!r:.40} in trees[{index}], {a!r:.40} in trees[0]"
     return ""
-
-
-def _dtype(x: torch.Tensor) -> str:
-    return str(x.dtype).replace("torch.", "")
 
 
 def stack(trees: Iterable[PyTree]) -> PyTree:

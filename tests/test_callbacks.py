@@ -11,9 +11,9 @@ import torch
 
 import lightfn as lf
 from lightfn.callbacks.base import Context
-from lightfn.callbacks.early_stopping import EarlyStopping, MisconfigurationError
+from lightfn.callbacks import EarlyStopping, MisconfigurationError
 from lightfn.callbacks.lr_monitor import LearningRateMonitor, lr_log_names
-from lightfn.callbacks.nan import NonFiniteLossError, TerminateOnNaN
+from lightfn.callbacks import NonFiniteLossError, TerminateOnNaN
 from lightfn.callbacks.timer import Timer, parse_duration
 
 

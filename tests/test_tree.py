@@ -123,6 +123,8 @@ def test_stack_errors_name_the_first_differing_path():
         tree.stack([a, a, {"enc": {"w": torch.zeros(2, 3)}, "dec": torch.zeros(4, dtype=torch.float64)}])
     with pytest.raises(lf.TreeError, match=r"different structure.*\['enc'\]\['v'\]"):
         tree.stack([a, {"enc": {"v": torch.zeros(2, 3)}, "dec": torch.zeros(4)}])
+    with pytest.raises(lf.TreeError, match=r"\['n'\]: trees\[0\] has a int, trees\[1\] has a tensor of shape \(1,\) float32"):
+        tree.stack([{"n": 1}, {"n": torch.zeros(1)}])
     with pytest.raises(lf.TreeError, match=r"\['n'\]: the non-tensor leaf is 2 in trees\[1\], 1 in trees\[0\]"):
         tree.stack([{"n": 1, "w": torch.zeros(1)}, {"n": 2, "w": torch.zeros(1)}])
     with pytest.raises(lf.TreeError, match="at least one tree"):

@@ -33,8 +33,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import MisconfigurationError
+from ._common import decode_float, encode_float, missing_metric_error
 from .base import Callback, Context, Signal
-from .early_stopping import MisconfigurationError, decode_float, encode_float, missing_metric_error
 from .timer import Duration, parse_duration
 
 __all__ = ["ModelCheckpoint"]

@@ -28,32 +28,12 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from ..errors import MisconfigurationError
+from ._common import decode_float, encode_float, missing_metric_error
 from .base import Callback, Context, Signal
 
-__all__ = ["EarlyStopping", "MisconfigurationError"]
+__all__ = ["EarlyStopping"]
 
 _log = logging.getLogger(__name__)
-
-
-def missing_metric_error(
-    owner: str, monitor: str, metrics: Mapping[str, float], hint: str = ""
-) -> MisconfigurationError:
-    """The error for a monitored name that the loop never logged, listing what it did log."""
-    available = ", ".join(repr(k) for k in sorted(metrics)) or "none yet"
-    return MisconfigurationError(
-        f"{owner} monitors {monitor!r}, but no metric of that name was logged; "
-        f"logged metrics: {available}. Step metrics are logged as 'train/<name>' and eval "
-        f"metrics as 'val/<name>' (name = a key of the dict your step returns).{hint}"
-    )
-
-
-def encode_float(x: float) -> float | str:
-    """JSON-safe float: strict JSON has no inf/NaN, so those travel as strings."""
-    return x if math.isfinite(x) else repr(x)
-
-
-def decode_float(x: float | str) -> float:
-    return float(x)
 
 
 class EarlyStopping(Callback):

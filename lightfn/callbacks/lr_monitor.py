@@ -36,9 +36,9 @@ import torch
 
 from .. import optim as _optim
 from .._members import collapse_equal, expand
+from ..errors import MisconfigurationError
 from ..state import TrainState
 from .base import Callback, Context, Signal
-from .early_stopping import MisconfigurationError
 
 __all__ = ["LearningRateMonitor", "lr_log_names"]
 

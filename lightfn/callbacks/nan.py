@@ -18,11 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from ..errors import NonFiniteLossError
+from ..errors import MisconfigurationError, NonFiniteLossError
 from .base import Callback, Context, Signal
-from .early_stopping import MisconfigurationError
 
-__all__ = ["TerminateOnNaN", "NonFiniteLossError"]
+__all__ = ["TerminateOnNaN"]
 
 
 class TerminateOnNaN(Callback):

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from .._duration import Duration, seconds_of
+from ..errors import MisconfigurationError
 from .base import Callback, Context, Signal
-from .early_stopping import MisconfigurationError
 
 __all__ = ["Timer", "parse_duration"]
 

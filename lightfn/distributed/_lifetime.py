@@ -36,6 +36,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .._diagnostics import first_line
+
 __all__ = ["shutdown", "adopt", "before_init"]
 
 # Set by ``init`` when it created the default process group: the seconds a collective waits.
@@ -90,7 +92,7 @@ def shutdown(timeout: float | None = None) -> bool:
     try:
         _barrier(wait)
     except Exception as e:  # a failed barrier must not mask the run's result: say it, move on
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e, 200)
         print(
             f"lightfn: rank {rank}: the other ranks did not reach the end of the run within {wait:g} s "
             f"(one probably died); leaving the process group to the process exit ({first})",

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .. import tree
+from .._diagnostics import describe
 from ..errors import DistributedError
 from ..state import TrainState
 from ..step import TrainStep
@@ -165,8 +166,7 @@ def _layout_of(params: Any, world_size: int) -> ShardLayout:
     dtypes = {}
     for path, x in pairs:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            what = f"{x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise DistributedError(f"params{tree.keystr(path)} is {what}: fully_sharded shards floating-point tensors only")
+            raise DistributedError(f"params{tree.keystr(path)} is {describe(x)}: fully_sharded shards floating-point tensors only")
         dtypes.setdefault(x.dtype, path)
     if len(dtypes) > 1:
         (d0, p0), (d1, p1) = list(dtypes.items())[:2]

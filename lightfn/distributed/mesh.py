@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 from .. import tree
+from .._device import resolve_device
+from .._diagnostics import diff_by_path, dtype_name, first_line
 from ..errors import DistributedError
 from ._lifetime import adopt, before_init
 
@@ -134,10 +136,10 @@ def require_launched(what: str) -> None:
 
 
 def single_process_mesh(device: torch.device | str | None = None) -> Mesh:
-    """The mesh of a plain ``python script.py`` run: rank 0 of 1, no process group."""
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return Mesh(device=torch.device(device))
+    """The mesh of a plain ``python script.py`` run: rank 0 of 1, no process group.
+
+    ``device`` as fit reads it (``None`` or ``"auto"``: CUDA, else MPS, else the CPU)."""
+    return Mesh(device=resolve_device(device, error=DistributedError))
 
 
 def _env_int(name: str) -> int:
@@ -250,7 +252,7 @@ def init(
         except (RuntimeError, ValueError, TimeoutError) as e:
             raise DistributedError(
                 f"rank {rank_} of {world} could not join the process group at {addr} within {timeout:g} s "
-                f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). Are all "
+                f"({type(e).__name__}: {first_line(e, fallback='')}). Are all "
                 f"{world} ranks running, and can they reach MASTER_ADDR? {LAUNCH_HINT}"
             ) from e
         adopt(timeout)  # lightfn made the group, so lightfn ends it (at exit, or lf.distributed.shutdown())
@@ -306,7 +308,7 @@ def guard(mesh: Mesh, what: str = "a collective") -> Iterator[None]:
             f"{what} failed on rank {mesh.rank} of {mesh.world_size}: another rank probably died, was killed, or "
             f"stalled for more than the {mesh.timeout:g} s timeout (set it with lf.distributed.init(timeout=...), in "
             "fit with strategy=lf.distributed.Strategy(name=..., timeout=...)); "
-            f"check the other ranks' logs for the first error. Backend said: {text.strip().splitlines()[0][:300]}"
+            f"check the other ranks' logs for the first error. Backend said: {first_line(text)}"
         ) from e
 
 
@@ -366,7 +368,7 @@ def _fingerprint(tree_: Any) -> list[list[str]]:
     out = []
     for path, x in tree.leaves_with_path(tree_):
         if isinstance(x, torch.Tensor):
-            out.append([tree.keystr(path), f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"])
+            out.append([tree.keystr(path), f"{tuple(x.shape)} {dtype_name(x.dtype)}"])
         else:
             out.append([tree.keystr(path), type(x).__name__])
     out.append(["<structure>", str(tree.structure(tree_))])
@@ -404,16 +406,18 @@ def check_same_structure(tree_: Any, mesh: Mesh, *, what: str = "params") -> Non
         other = json.loads(raw)
         if other == ref:
             continue
-        ref_d, oth_d = dict(map(tuple, ref)), dict(map(tuple, other))
-        order = [p for p, _ in ref] + [p for p, _ in other if p not in ref_d]
-        for p in order:
-            a, b = ref_d.get(p, "missing"), oth_d.get(p, "missing")
-            if a != b:
-                if p == "<structure>":
-                    detail = f"structure differs: rank 0 has {a}, rank {r} has {b}"
-                else:
-                    detail = f"{what}{p}: rank 0 has {a}, rank {r} has {b}"
-                raise DistributedError(
-                    f"ranks disagree on {what}: {detail}. Every rank must build the same model and state "
-                    "(same code, config and seed-independent shapes)."
-                )
+        differences = diff_by_path(
+            dict(map(tuple, ref)),
+            dict(map(tuple, other)),
+            same=lambda a, b: a == b,
+            show=str,
+            where=lambda p: "structure differs" if p == "<structure>" else f"{what}{p}",
+            missing=f"rank 0 has {{e}}, rank {r} has missing",
+            unexpected=f"rank 0 has missing, rank {r} has {{a}}",
+            differs=f"rank 0 has {{e}}, rank {r} has {{a}}",
+        )
+        if differences:
+            raise DistributedError(
+                f"ranks disagree on {what}: {differences[0].strip()}. Every rank must build the same model and "
+                "state (same code, config and seed-independent shapes)."
+            )

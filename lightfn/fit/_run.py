@@ -42,7 +42,7 @@ import torch
 
 from .. import tree
 from ..checkpoint._format import FIT_RUN_KEYS, FIT_WRITER, FIT_WRITER_KEY, HPARAMS_KEY
-from ..callbacks.early_stopping import decode_float, encode_float
+from ..callbacks._common import decode_float, encode_float
 from ..checkpoint import load, save
 from ..errors import FitError
 from ..state import TrainState

@@ -16,7 +16,8 @@ numbers, never device tensors: the loop decides when to copy from the device.
 
 from __future__ import annotations
 
-from .base import Logger, LoggerError
+from ..errors import LoggerError
+from .base import Logger
 from .csv import CSVLogger
 from .tensorboard import TensorBoardLogger, image_grid
 

@@ -26,7 +26,7 @@ import yaml
 
 from ..errors import LoggerError
 
-__all__ = ["Logger", "LoggerError"]
+__all__ = ["Logger"]
 
 
 class Logger(abc.ABC):

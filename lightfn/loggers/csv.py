@@ -25,14 +25,16 @@ from typing import Any
 
 import torch
 
-from .base import Logger, LoggerError, RunDir, check_metrics, image_to_uint8_chw, plain, write_hparams_yaml
+from ..errors import LoggerError
+from ._file import FileLogger
+from .base import check_metrics, image_to_uint8_chw
 
 __all__ = ["CSVLogger"]
 
 METRICS_FILE = "metrics.csv"
 
 
-class CSVLogger(Logger):
+class CSVLogger(FileLogger):
     """Writes metrics to ``metrics.csv`` in ``save_dir/name/version_N``.
 
     Args:
@@ -56,19 +58,10 @@ class CSVLogger(Logger):
     ) -> None:
         if isinstance(flush_every_n_rows, bool) or not isinstance(flush_every_n_rows, int) or flush_every_n_rows < 1:
             raise LoggerError(f"flush_every_n_rows must be an int >= 1, got {flush_every_n_rows!r}")
-        self._run = RunDir(save_dir, name, version)
+        super().__init__(save_dir, name, version)
         self._flush_every = flush_every_n_rows
         self._pending: list[dict[str, float | int]] = []
         self._columns: list[str] | None = None  # metric columns of the file on disk, once known
-        self._hparams: dict[str, Any] = {}
-
-    @property
-    def log_dir(self) -> Path:
-        return self._run.path
-
-    @property
-    def version(self) -> int:
-        return self._run.version
 
     @property
     def metrics_file(self) -> Path:
@@ -85,8 +78,7 @@ class CSVLogger(Logger):
 
     def log_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Write ``hparams.yaml``; calling again adds to (and overrides) earlier values."""
-        self._hparams.update(plain(hparams))
-        write_hparams_yaml(self.log_dir, self._hparams)
+        self._add_hparams(hparams)
 
     def log_image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """Save ``images/<tag>_step<step>.png``."""

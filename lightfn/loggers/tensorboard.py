@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import Logger, LoggerError, RunDir, check_metrics, flatten_hparams, image_to_uint8_chw, plain, write_hparams_yaml
+from ..errors import LoggerError
+from ._file import FileLogger
+from .base import check_metrics, flatten_hparams, image_to_uint8_chw
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["TensorBoardLogger", "image_grid"]
 
 
-class TensorBoardLogger(Logger):
+class TensorBoardLogger(FileLogger):
     """Writes a TensorBoard run into ``save_dir/name/version_N``.
 
     Args:
@@ -46,18 +47,9 @@ class TensorBoardLogger(Logger):
         version: int | None = None,
         flush_secs: int = 10,
     ) -> None:
-        self._run = RunDir(save_dir, name, version)
+        super().__init__(save_dir, name, version)
         self._flush_secs = flush_secs
         self._writer: SummaryWriter | None = None
-        self._hparams: dict[str, Any] = {}
-
-    @property
-    def log_dir(self) -> Path:
-        return self._run.path
-
-    @property
-    def version(self) -> int:
-        return self._run.version
 
     @property
     def writer(self) -> SummaryWriter:
@@ -84,9 +76,8 @@ class TensorBoardLogger(Logger):
         """
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-        self._hparams.update(plain(hparams))
         table = {}
-        for k, v in flatten_hparams(self._hparams).items():
+        for k, v in flatten_hparams(self._add_hparams(hparams)).items():
             if v is None or isinstance(v, (list, dict)):
                 v = str(v)  # the HPARAMS table holds numbers, strings and bools only
             table[k] = v
@@ -97,7 +88,6 @@ class TensorBoardLogger(Logger):
         _experiment, start, end = hparams_summaries(table, {})
         self.writer.file_writer.add_summary(start)
         self.writer.file_writer.add_summary(end)
-        write_hparams_yaml(self.log_dir, self._hparams)
 
     def log_image(self, tag: str, image: torch.Tensor, step: int) -> None:
         img = image_to_uint8_chw(tag, image)

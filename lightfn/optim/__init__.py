@@ -21,7 +21,7 @@ decay, momentum, freezing), ``adaptive`` (Adam/RMS/RSS/Lion scalings), ``clippin
 
 from __future__ import annotations
 
-from ._checks import OptimizerConfigError, StateMismatchError
+from ..errors import OptimizerConfigError, StateMismatchError
 from .adaptive import (
     ScaleByAdamState,
     ScaleByLionState,
@@ -41,20 +41,8 @@ from .inject import InjectHyperparamsState, inject_hyperparams
 from .masking import MaskedState, MultiTransformState, masked, multi_transform
 from .multi_steps import MultiStepsState, multi_steps
 from .readers import current_lr, learning_rates
-from .schedules import (
-    Schedule,
-    constant_schedule,
-    cosine_decay,
-    cosine_decay_schedule,
-    exponential_decay,
-    join_schedules,
-    linear_schedule,
-    linear_warmup_cosine_decay,
-    onecycle,
-    piecewise_constant_schedule,
-    polynomial_schedule,
-    warmup_cosine_decay_schedule,
-)
+from . import schedules
+from .schedules import *  # noqa: F403 (every schedule, listed once in schedules.__all__)
 from .transforms import (
     ScalarOrSchedule,
     ScaleByLearningRateState,
@@ -115,19 +103,8 @@ __all__ = [
     "current_lr",
     "learning_rates",
     # schedules
-    "Schedule",
     "ScalarOrSchedule",
-    "constant_schedule",
-    "polynomial_schedule",
-    "linear_schedule",
-    "cosine_decay_schedule",
-    "cosine_decay",
-    "exponential_decay",
-    "piecewise_constant_schedule",
-    "join_schedules",
-    "warmup_cosine_decay_schedule",
-    "linear_warmup_cosine_decay",
-    "onecycle",
+    *schedules.__all__,
     # errors
     "StateMismatchError",
     "OptimizerConfigError",

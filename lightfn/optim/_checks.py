@@ -14,11 +14,9 @@ import torch
 
 from .. import tree as _tree
 from .._diagnostics import describe, describe_type, diff_by_path
-from ..errors import OptimizerConfigError, StateMismatchError, StepError, TreeError
+from ..errors import OptimizerConfigError, StateMismatchError, TreeError
 
 __all__ = [
-    "StateMismatchError",
-    "OptimizerConfigError",
     "check_state",
     "with_types_of",
     "check_params",

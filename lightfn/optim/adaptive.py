@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import tree as _tree
-from ._checks import OptimizerConfigError, StateMismatchError, check_match, check_params, check_state, once_per_step, scalar_dtype, zero_count
+from ..errors import OptimizerConfigError, StateMismatchError
+from ._checks import check_match, check_params, check_state, once_per_step, scalar_dtype, zero_count
 from .base import GradientTransformation, PyTree
 
 __all__ = [

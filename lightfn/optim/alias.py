@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ._checks import OptimizerConfigError, check_learning_rate, scalar_dtype
+from ..errors import OptimizerConfigError
+from ._checks import check_learning_rate, scalar_dtype
 from .adaptive import scale_by_adam, scale_by_lion, scale_by_rms, scale_by_rss, scale_by_stddev
 from .base import GradientTransformation, chain
 from .transforms import ScalarOrSchedule, add_decayed_weights, scale_by_learning_rate, trace

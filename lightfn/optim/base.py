@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 
 from .. import tree as _tree
 from .._diagnostics import describe
-from ..errors import StepError
-from ._checks import StateMismatchError, check_match, check_params, check_state
+from ..errors import StateMismatchError, StepError
+from ._checks import check_match, check_params, check_state
 
 __all__ = [
     "PyTree",

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from .. import tree as _tree
-from ._checks import OptimizerConfigError, check_params, check_state, tensor_leaves
+from ..errors import OptimizerConfigError
+from ._checks import check_params, check_state, tensor_leaves
 from .base import EmptyState, GradientTransformation, PyTree
 
 __all__ = ["clip_by_global_norm", "clip"]

@@ -49,9 +49,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .. import tree as _tree
-from ..errors import StepError
-from ._checks import StateMismatchError, check_params, check_state, scalar_dtype, zero_count
+from .._diagnostics import first_line
+from ..errors import StateMismatchError, StepError
+from ._checks import check_params, check_state, scalar_dtype, zero_count
 from .base import GradientTransformation, PyTree, call_inner
 
 __all__ = ["InjectHyperparamsState", "inject_hyperparams"]
@@ -147,7 +147,7 @@ def inject_hyperparams(
                     raise
                 raise StepError(
                     f"inject_hyperparams({getattr(factory, '__name__', factory)}): the factory cannot take "
-                    f"{sorted(injected)} as tensors ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Keep the "
+                    f"{sorted(injected)} as tensors ({type(e).__name__}: {first_line(e, 200)}). Keep the "
                     "ones it treats as Python numbers fixed with static_args=..., or build the optimizer from "
                     "lf.optim transforms that take tensors (scale_by_learning_rate, add_decayed_weights, trace)."
                 ) from e

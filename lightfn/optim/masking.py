@@ -23,8 +23,8 @@ from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 from .. import tree as _tree
-from ..errors import TreeError
-from ._checks import StateMismatchError, check_match, check_state
+from ..errors import StateMismatchError, TreeError
+from ._checks import check_match, check_state
 from .base import GradientTransformation, PyTree, call_inner
 
 __all__ = ["MaskedState", "MultiTransformState", "masked", "multi_transform"]

@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import tree as _tree
-from ._checks import OptimizerConfigError, check_match, check_params, check_state, with_types_of, zero_count
+from ..errors import OptimizerConfigError
+from ._checks import check_match, check_params, check_state, with_types_of, zero_count
 from .base import GradientTransformation, PyTree, call_inner
 
 __all__ = ["MultiStepsState", "multi_steps"]

@@ -24,7 +24,8 @@ from typing import Union
 
 import torch
 
-from ._checks import OptimizerConfigError, scalar_dtype
+from ..errors import OptimizerConfigError
+from ._checks import scalar_dtype
 
 __all__ = [
     "Schedule",

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import tree as _tree
-from ..errors import StepError
-from ._checks import OptimizerConfigError, check_learning_rate, check_match, check_params, check_state, once_per_step, scalar_dtype, zero_count
+from ..errors import OptimizerConfigError, StepError
+from ._checks import check_learning_rate, check_match, check_params, check_state, once_per_step, scalar_dtype, zero_count
 from .base import EmptyState, GradientTransformation, PyTree
 
 __all__ = [
