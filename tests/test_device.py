@@ -26,7 +26,7 @@ def test_a_name_that_is_no_device_says_what_is_accepted():
 
 def test_fit_and_the_single_process_mesh_ask_it():
     step = lf.train_step(lambda p, b: (p["w"] * b).sum(), lf.optim.sgd(0.1))
-    state = lf.TrainState.create({"w": torch.ones(2)}, step.optimizer)
+    state = lf.TrainState.create(params={"w": torch.ones(2)}, optimizer=step.optimizer)
     with pytest.raises(lf.FitError, match=r"device='gpu0' is not a device .*use 'auto'"):
         lf.fit(step, state, [torch.ones(2)], max_steps=1, device="gpu0", progress=False)
     assert lf.distributed.single_process_mesh().device == default_device()
