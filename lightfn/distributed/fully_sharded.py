@@ -52,6 +52,9 @@ from .mesh import Mesh, broadcast, check_same_structure, guard
 __all__ = [
     "ShardLayout",
     "ShardedParams",
+    "is_sharded",
+    "sharded_nodes",
+    "map_sharded",
     "fully_sharded",
     "FullyShardedStep",
     "shard_state",
@@ -95,6 +98,16 @@ class ShardLayout:
     @property
     def padded(self) -> int:
         return self.shard_size * self.world_size
+
+    def bounds(self, rank: int) -> tuple[int, int]:
+        """Rank ``rank``'s ``[lo, hi)`` elements of the padded flat vector: the one rule for
+        which slice a rank holds (in steps, checkpoints and resharding)."""
+        return rank * self.shard_size, (rank + 1) * self.shard_size
+
+    def cut(self, flat: torch.Tensor, rank: int) -> ShardedParams:
+        """Rank ``rank``'s shard of the padded flat vector ``flat``, as its own tensor."""
+        lo, hi = self.bounds(rank)
+        return ShardedParams(shard=flat[lo:hi].clone(), layout=self)
 
     def slice(self, leaves: Any, lo: int, hi: int) -> torch.Tensor:
         """Elements ``[lo, hi)`` of the padded flat vector of the params ``leaves`` (in
@@ -156,6 +169,34 @@ class ShardedParams:
 
     shard: torch.Tensor
     layout: ShardLayout = tree.static_field()
+
+
+def is_sharded(x: Any) -> bool:
+    """True for a :class:`ShardedParams` node (the ``is_leaf`` of every walk over them)."""
+    return isinstance(x, ShardedParams)
+
+
+def sharded_nodes(tree_: Any) -> list[tuple[str, ShardedParams]]:
+    """``[(keystr path, node), ...]`` of every :class:`ShardedParams` in ``tree_``, in
+    flatten order."""
+    return [(tree.keystr(p), x) for p, x in tree.leaves_with_path(tree_, is_leaf=is_sharded) if is_sharded(x)]
+
+
+def map_sharded(
+    fn: Callable[..., Any], tree_: Any, *rest: Any, otherwise: Callable[..., Any] | None = None, with_path: bool = False
+) -> Any:
+    """``tree_`` with every :class:`ShardedParams` ``x`` replaced by ``fn(x, *rest_leaves)``
+    (``fn(keystr path, x, ...)`` with ``with_path``); every other leaf by
+    ``otherwise(leaf, *rest_leaves)``, by default kept as it is. ``rest`` are trees of
+    ``tree_``'s structure down to its sharded nodes (a full subtree may stand where
+    ``tree_`` has a ShardedParams)."""
+
+    def one(path: Any, x: Any, *others: Any) -> Any:
+        if is_sharded(x):
+            return fn(tree.keystr(path), x, *others) if with_path else fn(x, *others)
+        return x if otherwise is None else otherwise(x, *others)
+
+    return tree.map_with_path(one, tree_, *rest, is_leaf=is_sharded)
 
 
 def _layout_of(params: Any, world_size: int) -> ShardLayout:
@@ -221,13 +262,11 @@ def cut_state(state: TrainState, rank: int, world_size: int) -> TrainState:
     what :func:`shard_state` gives on that rank once all ranks agree on the state (also
     how tests build every rank's part in one process)."""
     layout = _layout_of(state.params, world_size)
-    lo = rank * layout.shard_size
 
     def cut(x: Any) -> Any:
         if not _like_params(layout)(x):
             return x
-        flat = layout.flatten([v.to(layout.dtype) for v in tree.leaves(x)])
-        return ShardedParams(shard=flat[lo : lo + layout.shard_size].clone(), layout=layout)
+        return layout.cut(layout.flatten([v.to(layout.dtype) for v in tree.leaves(x)]), rank)
 
     is_leaf = _like_params(layout)
     return state.replace(
@@ -255,17 +294,10 @@ def _gather_flat(sp: ShardedParams, mesh: Mesh) -> torch.Tensor:
 def unshard_state(state: TrainState, mesh: Mesh) -> TrainState:
     """The replicated state again: every :class:`ShardedParams` gathered into its full pytree
     (a collective: call it on every rank). For inference, export, or an ordinary checkpoint."""
-
-    def full(x: Any) -> Any:
-        if isinstance(x, ShardedParams):
-            return _unflatten_copy(x, mesh)
-        return x
-
-    is_leaf = lambda x: isinstance(x, ShardedParams)  # noqa: E731
     return state.replace(
-        params=full(state.params),
-        opt_state=tree.map(full, state.opt_state, is_leaf=is_leaf),
-        extra=tree.map(full, state.extra, is_leaf=is_leaf),
+        params=unshard_tree(state.params, mesh),
+        opt_state=unshard_tree(state.opt_state, mesh),
+        extra=unshard_tree(state.extra, mesh),
     )
 
 
@@ -273,11 +305,7 @@ def unshard_tree(tree_: Any, mesh: Mesh) -> Any:
     """Any pytree with every :class:`ShardedParams` in it gathered into its full params
     pytree (a collective: call it on every rank). :func:`unshard_state` for a TrainState;
     this for a larger tree holding one (e.g. a fit checkpoint's contents)."""
-    return tree.map(
-        lambda x: _unflatten_copy(x, mesh) if isinstance(x, ShardedParams) else x,
-        tree_,
-        is_leaf=lambda x: isinstance(x, ShardedParams),
-    )
+    return map_sharded(lambda x: _unflatten_copy(x, mesh), tree_)
 
 
 def _unflatten_copy(sp: ShardedParams, mesh: Mesh) -> Any:
@@ -338,7 +366,7 @@ def _sharded_optimizer(
 
     def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         layout: ShardLayout = grads.layout
-        lo, hi = rank * layout.shard_size, (rank + 1) * layout.shard_size
+        lo, hi = layout.bounds(rank)
         flat = layout.flatten(grads.leaves)
         if world_size > 1:
             flat = reduce_scatter_sum(flat, world_size, group_name) / world_size
@@ -386,8 +414,7 @@ class FullyShardedStep:
         full = all_gather_flat(sp.shard, self.world_size, self.group_name) if self.world_size > 1 else sp.shard
         gathered = _Gathered(leaves=layout.split(full), layout=layout)
         new_state, metrics = self.step(state.replace(params=gathered), batch)
-        lo = self.rank * layout.shard_size
-        shard = layout.slice(new_state.params.leaves, lo, lo + layout.shard_size)
+        shard = layout.slice(new_state.params.leaves, *layout.bounds(self.rank))
         return new_state.replace(params=ShardedParams(shard=shard, layout=layout)), metrics
 
 

@@ -31,11 +31,10 @@ from typing import Any
 import torch
 
 from .. import _ckpt_format as fmt
-from .. import tree as _tree
 from ..checkpoint import _fetcher, describe_structure, load_described, read_metadata, save
 from ..errors import CheckpointError
 from ..tree import KeyPath, PyTree, keystr
-from .fully_sharded import ShardedParams
+from .fully_sharded import ShardedParams, sharded_nodes
 from .sharded_checkpoint import INDEX_NAME, read_index
 
 __all__ = ["load_folder", "read_folder_metadata", "consolidate"]
@@ -58,7 +57,7 @@ def load_folder(
 ) -> PyTree:
     """``lf.load`` of a sharded checkpoint folder (same arguments; ``subtree`` as a key
     path ``prefix``): the unsharded tree, or ``like`` filled with it."""
-    if like is not None and any(isinstance(x, ShardedParams) for x in _tree.leaves(like, is_leaf=_is_sharded)):
+    if like is not None and sharded_nodes(like):
         raise CheckpointError(
             f"{folder}: lf.load gives the full (unsharded) state of a sharded checkpoint, but `like` holds "
             "ShardedParams. Pass an unsharded template (the state before shard_state), or restore the "
@@ -94,10 +93,6 @@ def consolidate(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
 
 
 # ----------------------------------------------------------------------------- the folder
-
-
-def _is_sharded(x: Any) -> bool:
-    return isinstance(x, ShardedParams)
 
 
 def _rank_files(folder: Path, index: dict[str, Any]) -> list[Path]:
