@@ -19,7 +19,8 @@ import torch
 import lightfn as lf
 import lightfn.distributed as ld
 from lightfn.distributed.data_parallel import RankFoldedLoss
-from lightfn.distributed.fully_sharded import ShardedParams, _layout_of, cut_state, map_sharded, sharded_nodes
+from lightfn.distributed.fully_sharded import ShardedParams, cut_state, map_sharded, sharded_nodes
+from lightfn.distributed.shard_layout import layout_of
 from lightfn.distributed.mesh import Mesh, _attempt_store, _per_rank_cache_dir
 from lightfn.errors import CheckpointError, DistributedError
 
@@ -119,7 +120,7 @@ def test_fully_sharded_refuses_16_mixed_and_mixed_dtypes():
     params = make_params()
     params["dec"]["w"] = params["dec"]["w"].double()
     with pytest.raises(DistributedError, match=r"\['dec'\]\['w'\] is torch.float64"):
-        _layout_of(params, 2)
+        layout_of(params, 2)
 
 
 def test_shard_batch_splits_rows_and_refuses_an_indivisible_batch():
@@ -159,7 +160,7 @@ def test_rank_folded_loss_gives_each_rank_its_own_reproducible_dropout():
 
 def test_shard_layout_flatten_split_slice_with_padding():
     params = make_params()
-    layout = _layout_of(params, 3).with_world_size(2)  # 159 elements: 2 shards of 80, one padding zero
+    layout = layout_of(params, 3).with_world_size(2)  # 159 elements: 2 shards of 80, one padding zero
     assert (layout.total, layout.shard_size, layout.padded) == (159, 80, 160)
     leaves = lf.tree.leaves(params)
     flat = layout.flatten(leaves)
@@ -231,7 +232,7 @@ def test_single_process_helpers_are_no_ops():
 
 
 def test_shard_layout_bounds_tile_the_padded_vector_and_cut_matches_slice():
-    layout = _layout_of(make_params(), 3)  # 159 elements: shard 53, no padding; 2 ranks: 80, one pad
+    layout = layout_of(make_params(), 3)  # 159 elements: shard 53, no padding; 2 ranks: 80, one pad
     for world in (1, 2, 3, 4):
         lay = layout.with_world_size(world)
         spans = [lay.bounds(r) for r in range(world)]
@@ -239,7 +240,7 @@ def test_shard_layout_bounds_tile_the_padded_vector_and_cut_matches_slice():
         assert all(hi - lo == lay.shard_size and hi == nxt for (lo, hi), (nxt, _) in zip(spans, spans[1:] + [(lay.padded, 0)]))
         flat = lay.flatten(make_params())
         for r, (lo, hi) in enumerate(spans):
-            assert torch.equal(lay.cut(flat, r).shard, lay.slice(lf.tree.leaves(make_params()), lo, hi))
+            assert torch.equal(lay.cut(flat, r), lay.slice(lf.tree.leaves(make_params()), lo, hi))
 
 
 def test_map_sharded_walks_every_sharded_node_once():

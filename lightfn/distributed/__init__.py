@@ -19,7 +19,7 @@
 from ._lifetime import shutdown
 from .collectives import all_reduce_mean
 from .data_parallel import data_parallel, reduce_metrics, replicate_state, shard_batch
-from .fully_sharded import FullyShardedStep, ShardedParams, ShardLayout, fully_sharded, gather_params, shard_bytes, shard_state, unshard_state, unshard_tree
+from .fully_sharded import FullyShardedStep, ShardedParams, fully_sharded, gather_params, shard_bytes, shard_state, unshard_state, unshard_tree
 from .mesh import (
     Mesh,
     all_agree,
@@ -36,6 +36,7 @@ from .mesh import (
     single_process_mesh,
     world_size,
 )
+from .shard_layout import ShardLayout
 from .sharded_checkpoint import load_sharded, save_sharded
 from .sharded_eval import FullyShardedEval, fully_sharded_eval
 from .sharded_folder import consolidate

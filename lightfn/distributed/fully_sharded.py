@@ -1,8 +1,8 @@
 """Fully sharded data parallelism (ZeRO-3 / FSDP style) as a rewrite of the pure step.
 
 Every param is flattened and all are concatenated into one flat vector, padded to a
-multiple of the world size; rank ``r`` keeps only slice ``r`` of it (a :class:`ShardedParams`)
-and the optimizer state of that slice. So params + optimizer state per rank fall to about
+multiple of the world size (:mod:`lightfn.distributed.shard_layout`); rank ``r`` keeps only
+slice ``r`` of it (a :class:`ShardedParams`) and the optimizer state of that slice. So params + optimizer state per rank fall to about
 ``1/world_size`` of a replica.
 
 Inside the step (one traced function, one compiled graph):
@@ -33,7 +33,6 @@ the local shard. ``"16-mixed"`` is refused: each rank would judge finiteness on 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +47,7 @@ from ..optim import GradientTransformation
 from .collectives import all_gather_flat, reduce_scatter_sum
 from .data_parallel import RankFoldedLoss, check_mesh
 from .mesh import Mesh, broadcast, check_same_structure, guard
+from .shard_layout import ShardLayout, layout_of
 
 __all__ = [
     "ShardLayout",
@@ -66,106 +66,14 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class ShardLayout:
-    """Where each param lives in the flat vector, and how it is cut into shards.
-
-    ``paths``/``shapes`` list the params' leaves in flatten order; the flat vector holds
-    them back to back (``total`` elements), zero padded to ``shard_size * world_size``.
-    """
-
-    treedef: Any
-    paths: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtype: torch.dtype
-    world_size: int
-    # The params tree with leaf i replaced by the int i: rebuilding through lf.tree.map
-    # traces under dynamo, whose pytree polyfill refuses a real optree treedef.
-    skeleton: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-
-    @property
-    def numels(self) -> tuple[int, ...]:
-        return tuple(math.prod(s) for s in self.shapes)
-
-    @property
-    def total(self) -> int:
-        return sum(self.numels)
-
-    @property
-    def shard_size(self) -> int:
-        return max(1, -(-self.total // self.world_size))
-
-    @property
-    def padded(self) -> int:
-        return self.shard_size * self.world_size
-
-    def bounds(self, rank: int) -> tuple[int, int]:
-        """Rank ``rank``'s ``[lo, hi)`` elements of the padded flat vector: the one rule for
-        which slice a rank holds (in steps, checkpoints and resharding)."""
-        return rank * self.shard_size, (rank + 1) * self.shard_size
-
-    def cut(self, flat: torch.Tensor, rank: int) -> ShardedParams:
-        """Rank ``rank``'s shard of the padded flat vector ``flat``, as its own tensor."""
-        lo, hi = self.bounds(rank)
-        return ShardedParams(shard=flat[lo:hi].clone(), layout=self)
-
-    def slice(self, leaves: Any, lo: int, hi: int) -> torch.Tensor:
-        """Elements ``[lo, hi)`` of the padded flat vector of the params ``leaves`` (in
-        flatten order), read from the leaves that overlap the range, without a full-size
-        copy; traceable."""
-        leaves = list(leaves)
-        pieces, off = [], 0
-        for x, n in zip(leaves, self.numels):
-            a, b = max(lo, off), min(hi, off + n)
-            if a < b:
-                pieces.append(x.reshape(-1)[a - off : b - off])
-            off += n
-        missing = (hi - lo) - sum(p.numel() for p in pieces)
-        if missing > 0:
-            pieces.append(torch.zeros(missing, dtype=leaves[0].dtype, device=leaves[0].device))
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
-
-    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Views of a full flat vector as the params' leaves (padding ignored); traceable."""
-        pieces = torch.split(flat[: self.total], list(self.numels))
-        return tuple(p.view(s) for p, s in zip(pieces, self.shapes))
-
-    def build(self, leaves: Any) -> Any:
-        """The params pytree from its leaves (in flatten order); traceable."""
-        leaves = list(leaves)
-        return tree.map(lambda i: leaves[i], self.skeleton)
-
-    def unflatten(self, flat: torch.Tensor) -> Any:
-        """The params pytree viewed from a full flat vector."""
-        return self.build(self.split(flat))
-
-    def with_world_size(self, world_size: int) -> "ShardLayout":
-        return dataclasses.replace(self, world_size=world_size)
-
-    def flatten(self, params: Any) -> torch.Tensor:
-        """The params pytree (or its leaves, in flatten order) as one padded flat vector; traceable."""
-        leaves = tree.leaves(params)
-        flat = torch.cat([x.reshape(-1) for x in leaves]) if leaves else torch.zeros(0, dtype=self.dtype)
-        return torch.nn.functional.pad(flat, (0, self.padded - self.total))
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able description (for checkpoint indexes)."""
-        return {
-            "paths": list(self.paths),
-            "shapes": [list(s) for s in self.shapes],
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "total": self.total,
-            "world_size": self.world_size,
-            "shard_size": self.shard_size,
-            "padding": self.padded - self.total,
-        }
-
-
 @tree.pytree_dataclass
 class ShardedParams:
     """This rank's flat shard of a params pytree (a pytree node: ``shard`` is its one leaf;
     ``layout`` is static structure, so optimizers, ``lf.tree.map`` and checkpoints treat a
-    sharded state like any other)."""
+    sharded state like any other).
+
+    It stays in this module: checkpoint files name its type by module path
+    (``lightfn.distributed.fully_sharded.ShardedParams``)."""
 
     shard: torch.Tensor
     layout: ShardLayout = tree.static_field()
@@ -197,32 +105,6 @@ def map_sharded(
         return x if otherwise is None else otherwise(x, *others)
 
     return tree.map_with_path(one, tree_, *rest, is_leaf=is_sharded)
-
-
-def _layout_of(params: Any, world_size: int) -> ShardLayout:
-    pairs = tree.leaves_with_path(params)
-    if not pairs:
-        raise DistributedError("cannot shard an empty params tree")
-    dtypes = {}
-    for path, x in pairs:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            what = f"{x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise DistributedError(f"params{tree.keystr(path)} is {what}: fully_sharded shards floating-point tensors only")
-        dtypes.setdefault(x.dtype, path)
-    if len(dtypes) > 1:
-        (d0, p0), (d1, p1) = list(dtypes.items())[:2]
-        raise DistributedError(
-            f"fully_sharded needs one dtype for all params, but params{tree.keystr(p0)} is {d0} and "
-            f"params{tree.keystr(p1)} is {d1}; cast them to one dtype (lf.tree.cast)"
-        )
-    return ShardLayout(
-        treedef=tree.structure(params),
-        paths=tuple(tree.keystr(p) for p, _ in pairs),
-        shapes=tuple(tuple(x.shape) for _, x in pairs),
-        dtype=next(iter(dtypes)),
-        world_size=world_size,
-        skeleton=tree.unflatten(tree.structure(params), range(len(pairs))),
-    )
 
 
 def _like_params(layout: ShardLayout) -> Callable[[Any], bool]:
@@ -261,12 +143,12 @@ def cut_state(state: TrainState, rank: int, world_size: int) -> TrainState:
     """Rank ``rank`` of ``world_size``'s sharded form of ``state``, without any collective:
     what :func:`shard_state` gives on that rank once all ranks agree on the state (also
     how tests build every rank's part in one process)."""
-    layout = _layout_of(state.params, world_size)
+    layout = layout_of(state.params, world_size)
 
     def cut(x: Any) -> Any:
         if not _like_params(layout)(x):
             return x
-        return layout.cut(layout.flatten([v.to(layout.dtype) for v in tree.leaves(x)]), rank)
+        return ShardedParams(shard=layout.cut(layout.flatten([v.to(layout.dtype) for v in tree.leaves(x)]), rank), layout=layout)
 
     is_leaf = _like_params(layout)
     return state.replace(

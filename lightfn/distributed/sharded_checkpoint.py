@@ -263,8 +263,8 @@ def cut_full(full: Any, like: Any, mesh: Mesh, device: torch.device | str | None
 
     def cut(x: ShardedParams, f: Any) -> ShardedParams:
         flat = x.layout.flatten([v.to(x.layout.dtype) for v in tree.leaves(f)])
-        shard = x.layout.cut(flat, mesh.rank)
-        return ShardedParams(shard=shard.shard.to(device if device is not None else x.shard.device), layout=x.layout)
+        shard = x.layout.cut(flat, mesh.rank).to(device if device is not None else x.shard.device)
+        return ShardedParams(shard=shard, layout=x.layout)
 
     return map_sharded(cut, like, full, otherwise=_moved(device))
 

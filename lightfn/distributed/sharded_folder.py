@@ -35,6 +35,7 @@ from ..checkpoint import _fetcher, describe_structure, load_described, read_meta
 from ..errors import CheckpointError
 from ..tree import KeyPath, PyTree, keystr
 from .fully_sharded import ShardedParams, sharded_nodes
+from .shard_layout import shard_size_of
 from .sharded_checkpoint import INDEX_NAME, read_index
 
 __all__ = ["load_folder", "read_folder_metadata", "consolidate"]
@@ -158,7 +159,7 @@ def _check_description(folder: Path, key: str, desc: Any, world: int) -> None:
             f"{world} rank files: the index is damaged. Load an earlier checkpoint."
         )
     total = sum(math.prod(s) for s in desc["shapes"])
-    if total != desc["total"] or desc["shard_size"] != max(1, -(-total // world)):
+    if total != desc["total"] or desc["shard_size"] != shard_size_of(total, world):
         raise CheckpointError(f"{folder / INDEX_NAME}: the sizes recorded for state{key} do not add up; the index is damaged.")
 
 
