@@ -57,6 +57,7 @@ __all__ = [
     "map_sharded",
     "fully_sharded",
     "FullyShardedStep",
+    "gather_in_step",
     "shard_state",
     "cut_state",
     "unshard_state",
@@ -263,6 +264,23 @@ def _sharded_optimizer(
     return GradientTransformation(init, update)
 
 
+def gather_in_step(params: Any, world_size: int, group_name: str | None, what: str) -> torch.Tensor:
+    """The full padded flat vector of a state's sharded ``params``, all-gathered inside a
+    traced step (the fully sharded train ``what="step"`` and eval ``"eval step"``); refuses
+    an unsharded tree or a state sharded for another world size."""
+    if not isinstance(params, ShardedParams):
+        raise DistributedError(
+            f"a fully_sharded {what} got params of type {type(params).__name__}, not a sharded state: call "
+            "state = lf.distributed.shard_state(state, mesh) before the first step"
+        )
+    if params.layout.world_size != world_size:
+        raise DistributedError(
+            f"this state was sharded for {params.layout.world_size} ranks but the {what} runs on {world_size}; "
+            "reshard it with lf.distributed.load_sharded (or shard_state(unshard_state(...)))"
+        )
+    return all_gather_flat(params.shard, world_size, group_name) if world_size > 1 else params.shard
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FullyShardedStep:
     """A ZeRO-3 train step ``(sharded_state, batch) -> (sharded_state, metrics)``.
@@ -281,19 +299,8 @@ class FullyShardedStep:
         return dataclasses.replace(self, **changes)
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        sp = state.params
-        if not isinstance(sp, ShardedParams):
-            raise DistributedError(
-                "a fully_sharded step got an unsharded params tree: call "
-                "state = lf.distributed.shard_state(state, mesh) before the first step"
-            )
-        layout = sp.layout
-        if layout.world_size != self.world_size:
-            raise DistributedError(
-                f"this state was sharded for {layout.world_size} ranks but the step runs on {self.world_size}; "
-                "reshard it with lf.distributed.load_sharded (or shard_state(unshard_state(...)))"
-            )
-        full = all_gather_flat(sp.shard, self.world_size, self.group_name) if self.world_size > 1 else sp.shard
+        full = gather_in_step(state.params, self.world_size, self.group_name, "step")
+        layout = state.params.layout
         gathered = _Gathered(leaves=layout.split(full), layout=layout)
         new_state, metrics = self.step(state.replace(params=gathered), batch)
         shard = layout.slice(new_state.params.leaves, *layout.bounds(self.rank))

@@ -28,8 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import DistributedError
-from .collectives import all_gather_flat
-from .fully_sharded import ShardedParams
+from .fully_sharded import gather_in_step
 from .mesh import Mesh
 
 __all__ = ["fully_sharded_eval", "FullyShardedEval"]
@@ -46,19 +45,8 @@ class FullyShardedEval:
     group_name: str | None
 
     def __call__(self, state: Any, batch: Any) -> Mapping[str, torch.Tensor]:
-        sp = state.params
-        if not isinstance(sp, ShardedParams):
-            raise DistributedError(
-                f"a fully_sharded_eval step got params of type {type(sp).__name__}, not a sharded state: evaluate "
-                "the state made by lf.distributed.shard_state (or call the eval step itself on an unsharded state)"
-            )
-        if sp.layout.world_size != self.world_size:
-            raise DistributedError(
-                f"this state was sharded for {sp.layout.world_size} ranks but the eval step runs on {self.world_size}; "
-                "reshard it with lf.distributed.load_sharded (or shard_state(unshard_state(...)))"
-            )
-        full = all_gather_flat(sp.shard, self.world_size, self.group_name) if self.world_size > 1 else sp.shard
-        return self.eval_step(state.replace(params=sp.layout.unflatten(full)), batch)
+        full = gather_in_step(state.params, self.world_size, self.group_name, "eval step")
+        return self.eval_step(state.replace(params=state.params.layout.unflatten(full)), batch)
 
 
 def fully_sharded_eval(eval_step: Callable[[Any, Any], Mapping[str, torch.Tensor]], mesh: Mesh) -> FullyShardedEval:
