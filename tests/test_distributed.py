@@ -18,6 +18,7 @@ import torch
 
 import lightfn as lf
 import lightfn.distributed as ld
+from lightfn.distributed.collectives import sum_over_ranks
 from lightfn.distributed.data_parallel import RankFoldedLoss
 from lightfn.distributed.fully_sharded import ShardedParams, cut_state, map_sharded, sharded_nodes
 from lightfn.distributed.shard_layout import layout_of
@@ -229,6 +230,7 @@ def test_single_process_helpers_are_no_ops():
     ld.barrier(mesh)
     ld.check_same_structure(grads, mesh)
     assert float(ld.reduce_metrics({"loss": torch.tensor(2.0)}, mesh)["loss"]) == 2.0
+    assert sum_over_ranks(grads, mesh) is grads
 
 
 def test_shard_layout_bounds_tile_the_padded_vector_and_cut_matches_slice():
@@ -309,6 +311,7 @@ def test_fully_sharded_eval_on_2_ranks_equals_eval_step_on_the_full_params(tmp_p
         assert rep["whole"] == rep["reference"]  # the same full params and batch: the same bits
         for k, v in rep["reference"].items():  # the mean of the ranks' halves: the global mean
             assert abs(rep["rows"][k] - v) <= 1e-6 * max(1.0, abs(v)), k
+        assert rep["summed"] == {"n": 3, "n_dtype": "torch.int64", "x": [1.0, 3.0]}  # host-side sum_over_ranks
 
 
 @pytest.mark.slow

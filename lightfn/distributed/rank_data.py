@@ -2,7 +2,8 @@
 
 fit shards an :class:`~lightfn.data.ArrayLoader` itself (``loader.shard``) and uses a
 DataLoader with a ``DistributedSampler`` as it is; any other re-iterable of global batches
-goes through :class:`RankBatches`.
+goes through :class:`RankBatches`. Which rows a rank gets is
+:func:`lightfn.data.rank_span` everywhere (:func:`rank_rows`; ``shard_batch`` too).
 """
 
 from __future__ import annotations
