@@ -18,8 +18,10 @@ import torch
 
 import lightfn as lf
 import lightfn.distributed as ld
+from lightfn.distributed.collectives import sum_over_ranks
 from lightfn.distributed.data_parallel import RankFoldedLoss
-from lightfn.distributed.fully_sharded import ShardedParams, _layout_of
+from lightfn.distributed.fully_sharded import ShardedParams, cut_state, map_sharded, sharded_nodes
+from lightfn.distributed.shard_layout import layout_of
 from lightfn.distributed.mesh import Mesh, _attempt_store, _per_rank_cache_dir
 from lightfn.errors import CheckpointError, DistributedError
 
@@ -119,7 +121,7 @@ def test_fully_sharded_refuses_16_mixed_and_mixed_dtypes():
     params = make_params()
     params["dec"]["w"] = params["dec"]["w"].double()
     with pytest.raises(DistributedError, match=r"\['dec'\]\['w'\] is torch.float64"):
-        _layout_of(params, 2)
+        layout_of(params, 2)
 
 
 def test_shard_batch_splits_rows_and_refuses_an_indivisible_batch():
@@ -159,7 +161,7 @@ def test_rank_folded_loss_gives_each_rank_its_own_reproducible_dropout():
 
 def test_shard_layout_flatten_split_slice_with_padding():
     params = make_params()
-    layout = _layout_of(params, 3).with_world_size(2)  # 159 elements: 2 shards of 80, one padding zero
+    layout = layout_of(params, 3).with_world_size(2)  # 159 elements: 2 shards of 80, one padding zero
     assert (layout.total, layout.shard_size, layout.padded) == (159, 80, 160)
     leaves = lf.tree.leaves(params)
     flat = layout.flatten(leaves)
@@ -228,6 +230,47 @@ def test_single_process_helpers_are_no_ops():
     ld.barrier(mesh)
     ld.check_same_structure(grads, mesh)
     assert float(ld.reduce_metrics({"loss": torch.tensor(2.0)}, mesh)["loss"]) == 2.0
+    assert sum_over_ranks(grads, mesh) is grads
+
+
+def test_shard_layout_bounds_tile_the_padded_vector_and_cut_matches_slice():
+    layout = layout_of(make_params(), 3)  # 159 elements: shard 53, no padding; 2 ranks: 80, one pad
+    for world in (1, 2, 3, 4):
+        lay = layout.with_world_size(world)
+        spans = [lay.bounds(r) for r in range(world)]
+        assert spans[0][0] == 0 and spans[-1][1] == lay.padded
+        assert all(hi - lo == lay.shard_size and hi == nxt for (lo, hi), (nxt, _) in zip(spans, spans[1:] + [(lay.padded, 0)]))
+        flat = lay.flatten(make_params())
+        for r, (lo, hi) in enumerate(spans):
+            assert torch.equal(lay.cut(flat, r), lay.slice(lf.tree.leaves(make_params()), lo, hi))
+
+
+def test_map_sharded_walks_every_sharded_node_once():
+    state = cut_state(lf.TrainState.create(params=make_params(), optimizer=adam(1e-2), seed=0), 1, 2)
+    nodes = sharded_nodes(state)
+    assert nodes[0][0] == "['params']" and len(nodes) == 3  # params, Adam's mu and nu
+    sizes = map_sharded(lambda x: x.shard.numel(), state, otherwise=lambda x: None)
+    assert [n for n in lf.tree.leaves(sizes) if n is not None] == [80, 80, 80]
+    keys = map_sharded(lambda key, x: key, state, with_path=True)
+    assert sorted(k for k in lf.tree.leaves(keys) if isinstance(k, str)) == sorted(k for k, _ in nodes)
+
+
+def test_fully_sharded_eval_in_one_process_equals_eval_step_and_refuses_an_unsharded_state():
+    mesh = ld.single_process_mesh("cpu")
+    state = lf.TrainState.create(params=make_params(), optimizer=adam(1e-2), seed=0)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+    batch = (x, x[:, :3].sin())
+    evaluate = lf.eval_step(loss_fn)
+    sharded_eval = ld.fully_sharded_eval(evaluate, mesh)
+    got, want = sharded_eval(ld.shard_state(state, mesh), batch), evaluate(state, batch)
+    assert got.keys() == want.keys() == {"loss", "mae"}
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(DistributedError, match="not a sharded state"):
+        sharded_eval(state, batch)
+    with pytest.raises(DistributedError, match="sharded for 2 ranks but the eval step runs on 1"):
+        sharded_eval(cut_state(state, 0, 2), batch)
+    with pytest.raises(DistributedError, match="already fully sharded"):
+        ld.fully_sharded_eval(sharded_eval, mesh)
 
 
 # ------------------------------------------------------------------------- torchrun runs
@@ -257,6 +300,18 @@ def test_fully_sharded_equals_single_process_full_batch(tmp_path):
     # params + optimizer state per rank: half of a replica (+ one padding element, + Adam's count)
     assert r0["shard_bytes"]["params"] == 80 * 4 and r0["full_bytes"]["params"] == 159 * 4
     assert r0["shard_bytes"]["opt_state"] <= r0["full_bytes"]["opt_state"] / 2 + 16
+
+
+@pytest.mark.slow
+def test_fully_sharded_eval_on_2_ranks_equals_eval_step_on_the_full_params(tmp_path):
+    proc = torchrun("sharded_eval.py", tmp_path)
+    for rep in reports(tmp_path, proc):
+        assert rep["shard"] == 80  # 159 params over 2 ranks, one padding element
+        assert rep["reference"].keys() == rep["whole"].keys() == rep["rows"].keys() == {"loss", "mae"}
+        assert rep["whole"] == rep["reference"]  # the same full params and batch: the same bits
+        for k, v in rep["reference"].items():  # the mean of the ranks' halves: the global mean
+            assert abs(rep["rows"][k] - v) <= 1e-6 * max(1.0, abs(v)), k
+        assert rep["summed"] == {"n": 3, "n_dtype": "torch.int64", "x": [1.0, 3.0]}  # host-side sum_over_ranks
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@
 - :func:`data_parallel`: replicated params, per-rank batch shards, gradients averaged in one
   flat bucket inside the compiled step; :func:`replicate_state`, :func:`reduce_metrics`,
   and :func:`all_reduce_mean` for hand-written steps.
-- :func:`fully_sharded`: ZeRO-3; :func:`shard_state`, :func:`unshard_state`,
-  :func:`gather_params`.
+- :func:`fully_sharded`: ZeRO-3; :func:`fully_sharded_eval` evaluates its sharded states;
+  :func:`shard_state`, :func:`unshard_state`, :func:`gather_params`.
 - :func:`save_sharded` / :func:`load_sharded`: one safetensors file per rank plus an index,
   restorable on a different world size; :func:`consolidate` (or ``lf.load(folder)``) reads
   one back in a plain process as the full state.
@@ -19,7 +19,7 @@
 from ._lifetime import shutdown
 from .collectives import all_reduce_mean
 from .data_parallel import data_parallel, reduce_metrics, replicate_state, shard_batch
-from .fully_sharded import FullyShardedStep, ShardedParams, ShardLayout, fully_sharded, gather_params, shard_bytes, shard_state, unshard_state, unshard_tree
+from .fully_sharded import FullyShardedStep, ShardedParams, fully_sharded, gather_params, shard_bytes, shard_state, unshard_state, unshard_tree
 from .mesh import (
     Mesh,
     all_agree,
@@ -36,7 +36,9 @@ from .mesh import (
     single_process_mesh,
     world_size,
 )
+from .shard_layout import ShardLayout
 from .sharded_checkpoint import load_sharded, save_sharded
+from .sharded_eval import FullyShardedEval, fully_sharded_eval
 from .sharded_folder import consolidate
 from .strategy import Strategy
 
@@ -63,6 +65,8 @@ __all__ = [
     "shard_batch",
     "fully_sharded",
     "FullyShardedStep",
+    "fully_sharded_eval",
+    "FullyShardedEval",
     "ShardedParams",
     "ShardLayout",
     "shard_state",

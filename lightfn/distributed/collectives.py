@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import tree
-from .mesh import Mesh
+from .mesh import Mesh, host_all_reduce
 
 __all__ = [
     "all_reduce_sum",
@@ -30,6 +30,7 @@ __all__ = [
     "all_reduce_mean",
     "bucketed_mean",
     "sum_in_buckets",
+    "sum_over_ranks",
 ]
 
 _ops = torch.ops._c10d_functional
@@ -100,6 +101,16 @@ def sum_in_buckets(values: Any, all_reduce_: Callable[[torch.Tensor], Any], *, u
         return flat
 
     return _in_buckets(values, reduce_flat, upcast_bf16)
+
+
+def sum_over_ranks(values: Any, mesh: Mesh, what: str = "reducing metrics") -> Any:
+    """A copy of the pytree ``values`` summed over the ranks of ``mesh`` (``values``
+    itself on one process): :func:`sum_in_buckets` with
+    :func:`~lightfn.distributed.mesh.host_all_reduce`, bfloat16 summed in float32 on gloo.
+    Host-side: at log points (fit's metric accumulators)."""
+    if not mesh.distributed:
+        return values
+    return sum_in_buckets(values, lambda flat: host_all_reduce(flat, mesh, what), upcast_bf16=mesh.backend == "gloo")
 
 
 def all_reduce_mean(grads: Any, mesh: Mesh) -> Any:

@@ -35,15 +35,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .. import random as lf_random
-from .. import tree
 from ..errors import DistributedError
 from ..state import TrainState
 from ..step import EvalStep, TrainStep
 from .collectives import bucketed_mean
-from .mesh import LAUNCH_HINT, Mesh, broadcast, check_same_structure, guard, launched
+from .mesh import LAUNCH_HINT, Mesh, broadcast, check_same_structure, host_all_reduce, launched
+from .rank_data import batch_rows, rank_rows
 
 __all__ = ["data_parallel", "replicate_state", "reduce_metrics", "shard_batch", "check_mesh"]
 
@@ -144,31 +143,23 @@ def reduce_metrics(metrics: Mapping[str, Any], mesh: Mesh) -> dict[str, torch.Te
     if not mesh.distributed or not names:
         return values
     stacked = torch.stack([values[k].to(mesh.device, torch.float64).reshape(()) for k in names])
-    with guard(mesh, "reducing metrics"):
-        dist.all_reduce(stacked, group=mesh.group)
-    stacked = stacked / mesh.world_size
+    stacked = host_all_reduce(stacked, mesh, "reducing metrics") / mesh.world_size
     return {k: stacked[i].to(values[k].dtype if values[k].is_floating_point() else torch.float32) for i, k in enumerate(names)}
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """This rank's rows of a global batch: rows ``[r*b/w, (r+1)*b/w)`` of every leaf.
+    """This rank's rows of a global batch: rows ``[r*b/w, (r+1)*b/w)`` of every leaf
+    (:func:`lightfn.data.rank_span`, the rule ``ArrayLoader.shard`` follows too).
 
     For hand-written loops whose data is not an ``ArrayLoader`` (use ``loader.shard`` for
     one). Raises :class:`DistributedError` when the world size does not divide the batch.
     """
     if not mesh.distributed:
         return batch
-    sizes = {(tree.keystr(p), x.shape[0]) for p, x in tree.leaves_with_path(batch) if isinstance(x, torch.Tensor) and x.dim()}
-    rows = {n for _, n in sizes}
-    if len(rows) != 1:
-        raise DistributedError(f"batch leaves disagree on the batch size: {sorted(sizes)}")
-    (n,) = rows
+    n = batch_rows(batch, "the global batch")
     if n % mesh.world_size:
         raise DistributedError(
             f"the global batch has {n} rows, which world_size={mesh.world_size} does not divide; use a global batch "
             f"size that is a multiple of {mesh.world_size} (and drop_last=True) so every rank gets the same rows"
         )
-    per = n // mesh.world_size
-    return tree.map(
-        lambda x: x.narrow(0, mesh.rank * per, per) if isinstance(x, torch.Tensor) and x.dim() else x, batch
-    )
+    return rank_rows(batch, n, mesh.rank, mesh.world_size)

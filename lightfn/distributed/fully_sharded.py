@@ -1,8 +1,8 @@
 """Fully sharded data parallelism (ZeRO-3 / FSDP style) as a rewrite of the pure step.
 
 Every param is flattened and all are concatenated into one flat vector, padded to a
-multiple of the world size; rank ``r`` keeps only slice ``r`` of it (a :class:`ShardedParams`)
-and the optimizer state of that slice. So params + optimizer state per rank fall to about
+multiple of the world size (:mod:`lightfn.distributed.shard_layout`); rank ``r`` keeps only
+slice ``r`` of it (a :class:`ShardedParams`) and the optimizer state of that slice. So params + optimizer state per rank fall to about
 ``1/world_size`` of a replica.
 
 Inside the step (one traced function, one compiled graph):
@@ -33,7 +33,6 @@ the local shard. ``"16-mixed"`` is refused: each rank would judge finiteness on 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +40,6 @@ import torch
 import torch.distributed as dist
 
 from .. import tree
-from .._diagnostics import describe
 from ..errors import DistributedError
 from ..state import TrainState
 from ..step import TrainStep
@@ -49,12 +47,17 @@ from ..optim import GradientTransformation
 from .collectives import all_gather_flat, reduce_scatter_sum
 from .data_parallel import RankFoldedLoss, check_mesh
 from .mesh import Mesh, broadcast, check_same_structure, guard
+from .shard_layout import ShardLayout, layout_of
 
 __all__ = [
     "ShardLayout",
     "ShardedParams",
+    "is_sharded",
+    "sharded_nodes",
+    "map_sharded",
     "fully_sharded",
     "FullyShardedStep",
+    "gather_in_step",
     "shard_state",
     "cut_state",
     "unshard_state",
@@ -64,124 +67,45 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class ShardLayout:
-    """Where each param lives in the flat vector, and how it is cut into shards.
-
-    ``paths``/``shapes`` list the params' leaves in flatten order; the flat vector holds
-    them back to back (``total`` elements), zero padded to ``shard_size * world_size``.
-    """
-
-    treedef: Any
-    paths: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtype: torch.dtype
-    world_size: int
-    # The params tree with leaf i replaced by the int i: rebuilding through lf.tree.map
-    # traces under dynamo, whose pytree polyfill refuses a real optree treedef.
-    skeleton: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-
-    @property
-    def numels(self) -> tuple[int, ...]:
-        return tuple(math.prod(s) for s in self.shapes)
-
-    @property
-    def total(self) -> int:
-        return sum(self.numels)
-
-    @property
-    def shard_size(self) -> int:
-        return max(1, -(-self.total // self.world_size))
-
-    @property
-    def padded(self) -> int:
-        return self.shard_size * self.world_size
-
-    def slice(self, leaves: Any, lo: int, hi: int) -> torch.Tensor:
-        """Elements ``[lo, hi)`` of the padded flat vector of the params ``leaves`` (in
-        flatten order), read from the leaves that overlap the range, without a full-size
-        copy; traceable."""
-        leaves = list(leaves)
-        pieces, off = [], 0
-        for x, n in zip(leaves, self.numels):
-            a, b = max(lo, off), min(hi, off + n)
-            if a < b:
-                pieces.append(x.reshape(-1)[a - off : b - off])
-            off += n
-        missing = (hi - lo) - sum(p.numel() for p in pieces)
-        if missing > 0:
-            pieces.append(torch.zeros(missing, dtype=leaves[0].dtype, device=leaves[0].device))
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
-
-    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Views of a full flat vector as the params' leaves (padding ignored); traceable."""
-        pieces = torch.split(flat[: self.total], list(self.numels))
-        return tuple(p.view(s) for p, s in zip(pieces, self.shapes))
-
-    def build(self, leaves: Any) -> Any:
-        """The params pytree from its leaves (in flatten order); traceable."""
-        leaves = list(leaves)
-        return tree.map(lambda i: leaves[i], self.skeleton)
-
-    def unflatten(self, flat: torch.Tensor) -> Any:
-        """The params pytree viewed from a full flat vector."""
-        return self.build(self.split(flat))
-
-    def with_world_size(self, world_size: int) -> "ShardLayout":
-        return dataclasses.replace(self, world_size=world_size)
-
-    def flatten(self, params: Any) -> torch.Tensor:
-        """The params pytree (or its leaves, in flatten order) as one padded flat vector; traceable."""
-        leaves = tree.leaves(params)
-        flat = torch.cat([x.reshape(-1) for x in leaves]) if leaves else torch.zeros(0, dtype=self.dtype)
-        return torch.nn.functional.pad(flat, (0, self.padded - self.total))
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able description (for checkpoint indexes)."""
-        return {
-            "paths": list(self.paths),
-            "shapes": [list(s) for s in self.shapes],
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "total": self.total,
-            "world_size": self.world_size,
-            "shard_size": self.shard_size,
-            "padding": self.padded - self.total,
-        }
-
-
 @tree.pytree_dataclass
 class ShardedParams:
     """This rank's flat shard of a params pytree (a pytree node: ``shard`` is its one leaf;
     ``layout`` is static structure, so optimizers, ``lf.tree.map`` and checkpoints treat a
-    sharded state like any other)."""
+    sharded state like any other).
+
+    It stays in this module: checkpoint files name its type by module path
+    (``lightfn.distributed.fully_sharded.ShardedParams``)."""
 
     shard: torch.Tensor
     layout: ShardLayout = tree.static_field()
 
 
-def _layout_of(params: Any, world_size: int) -> ShardLayout:
-    pairs = tree.leaves_with_path(params)
-    if not pairs:
-        raise DistributedError("cannot shard an empty params tree")
-    dtypes = {}
-    for path, x in pairs:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise DistributedError(f"params{tree.keystr(path)} is {describe(x)}: fully_sharded shards floating-point tensors only")
-        dtypes.setdefault(x.dtype, path)
-    if len(dtypes) > 1:
-        (d0, p0), (d1, p1) = list(dtypes.items())[:2]
-        raise DistributedError(
-            f"fully_sharded needs one dtype for all params, but params{tree.keystr(p0)} is {d0} and "
-            f"params{tree.keystr(p1)} is {d1}; cast them to one dtype (lf.tree.cast)"
-        )
-    return ShardLayout(
-        treedef=tree.structure(params),
-        paths=tuple(tree.keystr(p) for p, _ in pairs),
-        shapes=tuple(tuple(x.shape) for _, x in pairs),
-        dtype=next(iter(dtypes)),
-        world_size=world_size,
-        skeleton=tree.unflatten(tree.structure(params), range(len(pairs))),
-    )
+def is_sharded(x: Any) -> bool:
+    """True for a :class:`ShardedParams` node (the ``is_leaf`` of every walk over them)."""
+    return isinstance(x, ShardedParams)
+
+
+def sharded_nodes(tree_: Any) -> list[tuple[str, ShardedParams]]:
+    """``[(keystr path, node), ...]`` of every :class:`ShardedParams` in ``tree_``, in
+    flatten order."""
+    return [(tree.keystr(p), x) for p, x in tree.leaves_with_path(tree_, is_leaf=is_sharded) if is_sharded(x)]
+
+
+def map_sharded(
+    fn: Callable[..., Any], tree_: Any, *rest: Any, otherwise: Callable[..., Any] | None = None, with_path: bool = False
+) -> Any:
+    """``tree_`` with every :class:`ShardedParams` ``x`` replaced by ``fn(x, *rest_leaves)``
+    (``fn(keystr path, x, ...)`` with ``with_path``); every other leaf by
+    ``otherwise(leaf, *rest_leaves)``, by default kept as it is. ``rest`` are trees of
+    ``tree_``'s structure down to its sharded nodes (a full subtree may stand where
+    ``tree_`` has a ShardedParams)."""
+
+    def one(path: Any, x: Any, *others: Any) -> Any:
+        if is_sharded(x):
+            return fn(tree.keystr(path), x, *others) if with_path else fn(x, *others)
+        return x if otherwise is None else otherwise(x, *others)
+
+    return tree.map_with_path(one, tree_, *rest, is_leaf=is_sharded)
 
 
 def _like_params(layout: ShardLayout) -> Callable[[Any], bool]:
@@ -220,14 +144,12 @@ def cut_state(state: TrainState, rank: int, world_size: int) -> TrainState:
     """Rank ``rank`` of ``world_size``'s sharded form of ``state``, without any collective:
     what :func:`shard_state` gives on that rank once all ranks agree on the state (also
     how tests build every rank's part in one process)."""
-    layout = _layout_of(state.params, world_size)
-    lo = rank * layout.shard_size
+    layout = layout_of(state.params, world_size)
 
     def cut(x: Any) -> Any:
         if not _like_params(layout)(x):
             return x
-        flat = layout.flatten([v.to(layout.dtype) for v in tree.leaves(x)])
-        return ShardedParams(shard=flat[lo : lo + layout.shard_size].clone(), layout=layout)
+        return ShardedParams(shard=layout.cut(layout.flatten([v.to(layout.dtype) for v in tree.leaves(x)]), rank), layout=layout)
 
     is_leaf = _like_params(layout)
     return state.replace(
@@ -255,17 +177,10 @@ def _gather_flat(sp: ShardedParams, mesh: Mesh) -> torch.Tensor:
 def unshard_state(state: TrainState, mesh: Mesh) -> TrainState:
     """The replicated state again: every :class:`ShardedParams` gathered into its full pytree
     (a collective: call it on every rank). For inference, export, or an ordinary checkpoint."""
-
-    def full(x: Any) -> Any:
-        if isinstance(x, ShardedParams):
-            return _unflatten_copy(x, mesh)
-        return x
-
-    is_leaf = lambda x: isinstance(x, ShardedParams)  # noqa: E731
     return state.replace(
-        params=full(state.params),
-        opt_state=tree.map(full, state.opt_state, is_leaf=is_leaf),
-        extra=tree.map(full, state.extra, is_leaf=is_leaf),
+        params=unshard_tree(state.params, mesh),
+        opt_state=unshard_tree(state.opt_state, mesh),
+        extra=unshard_tree(state.extra, mesh),
     )
 
 
@@ -273,11 +188,7 @@ def unshard_tree(tree_: Any, mesh: Mesh) -> Any:
     """Any pytree with every :class:`ShardedParams` in it gathered into its full params
     pytree (a collective: call it on every rank). :func:`unshard_state` for a TrainState;
     this for a larger tree holding one (e.g. a fit checkpoint's contents)."""
-    return tree.map(
-        lambda x: _unflatten_copy(x, mesh) if isinstance(x, ShardedParams) else x,
-        tree_,
-        is_leaf=lambda x: isinstance(x, ShardedParams),
-    )
+    return map_sharded(lambda x: _unflatten_copy(x, mesh), tree_)
 
 
 def _unflatten_copy(sp: ShardedParams, mesh: Mesh) -> Any:
@@ -338,7 +249,7 @@ def _sharded_optimizer(
 
     def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         layout: ShardLayout = grads.layout
-        lo, hi = rank * layout.shard_size, (rank + 1) * layout.shard_size
+        lo, hi = layout.bounds(rank)
         flat = layout.flatten(grads.leaves)
         if world_size > 1:
             flat = reduce_scatter_sum(flat, world_size, group_name) / world_size
@@ -351,6 +262,23 @@ def _sharded_optimizer(
         return _Gathered(leaves=layout.split(full), layout=layout), state
 
     return GradientTransformation(init, update)
+
+
+def gather_in_step(params: Any, world_size: int, group_name: str | None, what: str) -> torch.Tensor:
+    """The full padded flat vector of a state's sharded ``params``, all-gathered inside a
+    traced step (the fully sharded train ``what="step"`` and eval ``"eval step"``); refuses
+    an unsharded tree or a state sharded for another world size."""
+    if not isinstance(params, ShardedParams):
+        raise DistributedError(
+            f"a fully_sharded {what} got params of type {type(params).__name__}, not a sharded state: call "
+            "state = lf.distributed.shard_state(state, mesh) before the first step"
+        )
+    if params.layout.world_size != world_size:
+        raise DistributedError(
+            f"this state was sharded for {params.layout.world_size} ranks but the {what} runs on {world_size}; "
+            "reshard it with lf.distributed.load_sharded (or shard_state(unshard_state(...)))"
+        )
+    return all_gather_flat(params.shard, world_size, group_name) if world_size > 1 else params.shard
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -371,23 +299,11 @@ class FullyShardedStep:
         return dataclasses.replace(self, **changes)
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        sp = state.params
-        if not isinstance(sp, ShardedParams):
-            raise DistributedError(
-                "a fully_sharded step got an unsharded params tree: call "
-                "state = lf.distributed.shard_state(state, mesh) before the first step"
-            )
-        layout = sp.layout
-        if layout.world_size != self.world_size:
-            raise DistributedError(
-                f"this state was sharded for {layout.world_size} ranks but the step runs on {self.world_size}; "
-                "reshard it with lf.distributed.load_sharded (or shard_state(unshard_state(...)))"
-            )
-        full = all_gather_flat(sp.shard, self.world_size, self.group_name) if self.world_size > 1 else sp.shard
+        full = gather_in_step(state.params, self.world_size, self.group_name, "step")
+        layout = state.params.layout
         gathered = _Gathered(leaves=layout.split(full), layout=layout)
         new_state, metrics = self.step(state.replace(params=gathered), batch)
-        lo = self.rank * layout.shard_size
-        shard = layout.slice(new_state.params.leaves, lo, lo + layout.shard_size)
+        shard = layout.slice(new_state.params.leaves, *layout.bounds(self.rank))
         return new_state.replace(params=ShardedParams(shard=shard, layout=layout)), metrics
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "any_rank",
     "check_same_structure",
     "guard",
+    "host_all_reduce",
     "LAUNCH_HINT",
 ]
 
@@ -312,15 +313,26 @@ def guard(mesh: Mesh, what: str = "a collective") -> Iterator[None]:
         ) from e
 
 
+def host_all_reduce(t: torch.Tensor, mesh: Mesh, what: str, *, op: Any = dist.ReduceOp.SUM, group: Any = None) -> torch.Tensor:
+    """``t`` all-reduced in place (``op``, default a sum) over the ranks of ``mesh``, or of
+    ``group`` when given (a gloo control group); returns ``t``. A failed or timed-out
+    collective raises :class:`DistributedError` saying it was ``what``.
+
+    The host-side all-reduce every decision, vote and metric reduction between steps goes
+    through (inside a compiled step, :mod:`~lightfn.distributed.collectives` instead).
+    """
+    with guard(mesh, what):
+        dist.all_reduce(t, op=op, group=mesh.group if group is None else group)
+    return t
+
+
 def barrier(mesh: Mesh) -> None:
     """Wait until every rank reaches this point (a no-op in a single process)."""
     if not mesh.distributed:
         return
-    with guard(mesh, "barrier"):
-        # A tiny all_reduce rather than dist.barrier(): it honours the group timeout on
-        # every backend and needs no device guess.
-        t = torch.zeros(1, device=mesh.device)
-        dist.all_reduce(t, group=mesh.group)
+    # A tiny all_reduce rather than dist.barrier(): it honours the group timeout on
+    # every backend and needs no device guess.
+    host_all_reduce(torch.zeros(1, device=mesh.device), mesh, "barrier")
 
 
 def broadcast(tree_: Any, mesh: Mesh, src: int = 0) -> Any:
@@ -354,8 +366,7 @@ def all_agree(flag: bool, mesh: Mesh) -> bool:
     if not mesh.distributed:
         return bool(flag)
     t = torch.tensor([1.0 if flag else 0.0], device=mesh.device)
-    with guard(mesh, "agreeing on a decision"):
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=mesh.group)
+    host_all_reduce(t, mesh, "agreeing on a decision", op=dist.ReduceOp.MIN)
     return bool(t.item() > 0.5)
 
 

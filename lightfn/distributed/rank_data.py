@@ -2,7 +2,8 @@
 
 fit shards an :class:`~lightfn.data.ArrayLoader` itself (``loader.shard``) and uses a
 DataLoader with a ``DistributedSampler`` as it is; any other re-iterable of global batches
-goes through :class:`RankBatches`.
+goes through :class:`RankBatches`. Which rows a rank gets is
+:func:`lightfn.data.rank_span` everywhere (:func:`rank_rows`; ``shard_batch`` too).
 """
 
 from __future__ import annotations
@@ -17,24 +18,41 @@ from .. import tree
 from ..data import num_batches, rank_span
 from ..errors import DistributedError
 
-__all__ = ["RankBatches", "has_distributed_sampler"]
+__all__ = ["RankBatches", "has_distributed_sampler", "batch_rows", "rank_rows"]
+
+
+def _batched(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() > 0
+
+
+def batch_rows(batch: Any, what: str) -> int:
+    """The number of rows of ``batch`` (``what``, e.g. "a batch of train_data"): the leading
+    size its tensor leaves share (0-d tensors and non-tensors are not split)."""
+    sizes = {(tree.keystr(p), x.shape[0]) for p, x in tree.leaves_with_path(batch) if _batched(x)}
+    rows = {n for _, n in sizes}
+    if not rows:
+        raise DistributedError(f"{what} has no tensor with a batch dimension to split over the ranks")
+    if len(rows) != 1:
+        raise DistributedError(f"{what} has tensor leaves with different leading sizes: {sorted(sizes)}")
+    return rows.pop()
+
+
+def rank_rows(batch: Any, rows: int, rank: int, world: int) -> Any:
+    """Rank ``rank`` of ``world``'s rows of a batch of ``rows`` rows: the rows
+    :func:`lightfn.data.rank_span` gives it, as ``ArrayLoader.shard`` has them."""
+    lo, hi = rank_span(rows, rank, world)
+    return tree.map(lambda x: x.narrow(0, lo, hi - lo) if _batched(x) else x, batch)
 
 
 def _split_rows(batch: Any, rank: int, world: int, what: str) -> Any:
     """This rank's rows of a global batch, split as evenly as ``ArrayLoader.shard`` does."""
-    sizes = {x.shape[0] for x in tree.leaves(batch) if isinstance(x, torch.Tensor) and x.dim()}
-    if not sizes:
-        raise DistributedError(f"a batch of {what} has no tensor with a batch dimension to split over the ranks")
-    if len(sizes) != 1:
-        raise DistributedError(f"a batch of {what} has tensor leaves with different leading sizes {sorted(sizes)}")
-    (n,) = sizes
+    n = batch_rows(batch, f"a batch of {what}")
     if n < world:
         raise DistributedError(
             f"a batch of {what} has {n} rows, fewer than the {world} ranks, so a rank would get none; use "
             "drop_last=True or a batch size that is a multiple of the world size"
         )
-    lo, hi = rank_span(n, rank, world)
-    return tree.map(lambda x: x.narrow(0, lo, hi - lo) if isinstance(x, torch.Tensor) and x.dim() else x, batch)
+    return rank_rows(batch, n, rank, world)
 
 
 class RankBatches:

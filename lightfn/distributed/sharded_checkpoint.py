@@ -51,7 +51,7 @@ from ..checkpoint._format import SHARDED_INDEX
 from ..checkpoint._structure import describe_structure
 from ..errors import CheckpointError
 from ..state import TrainState
-from .fully_sharded import ShardedParams, unshard_tree
+from .fully_sharded import ShardedParams, is_sharded, map_sharded, sharded_nodes, unshard_tree
 from .mesh import Mesh, barrier, guard
 
 __all__ = ["save_sharded", "load_sharded", "read_index", "index_contents", "full_template", "cut_full", "INDEX_NAME"]
@@ -60,14 +60,6 @@ INDEX_NAME = SHARDED_INDEX
 _FORMAT = "lightfn.sharded"
 _VERSION = 1
 _SHARD_FILE = re.compile(r"[0-9a-f]+-shard-\d{5}-of-\d{5}\.safetensors")
-
-
-def _is_sharded(x: Any) -> bool:
-    return isinstance(x, ShardedParams)
-
-
-def _sharded_nodes(state: Any) -> list[tuple[str, ShardedParams]]:
-    return [(tree.keystr(p), x) for p, x in tree.leaves_with_path(state, is_leaf=_is_sharded) if _is_sharded(x)]
 
 
 def _agreed_tag(mesh: Mesh) -> str:
@@ -103,7 +95,7 @@ def save_sharded(
             save(target, full, metadata=metadata)
         barrier(mesh)
         return target
-    nodes = _sharded_nodes(state)
+    nodes = sharded_nodes(state)
     if not nodes:
         raise CheckpointError(
             "save_sharded got a state without sharded params: shard it with lf.distributed.shard_state(state, mesh), "
@@ -138,7 +130,7 @@ def index_contents(state: Any, names: list[str], metadata: Mapping[str, Any] | N
         "files": list(names),
         # "tree": the params' containers (leaves = leaf indices), so a plain process can
         # rebuild full params from the flat slices without a template (lf.load(folder)).
-        "sharded": {key: {**node.layout.describe(), "tree": describe_structure(node.layout.skeleton)} for key, node in _sharded_nodes(state)},
+        "sharded": {key: {**node.layout.describe(), "tree": describe_structure(node.layout.skeleton)} for key, node in sharded_nodes(state)},
         "metadata": dict(metadata or {}),
     }
 
@@ -193,7 +185,7 @@ def load_sharded(
     this mesh's world size.
     """
     folder = Path(os.fspath(path))
-    nodes = _sharded_nodes(like)
+    nodes = sharded_nodes(like)
     if not nodes:
         raise CheckpointError("load_sharded needs a sharded template: like = lf.distributed.shard_state(state, mesh)")
     for key, node in nodes:
@@ -205,90 +197,81 @@ def load_sharded(
     old_world = int(index["world_size"])
     for key, node in nodes:
         _check_layout(folder, key, index["sharded"].get(key), node)
-    old_like = tree.map(
+    old_like = map_sharded(
         lambda x: ShardedParams(
             shard=torch.empty(x.layout.with_world_size(old_world).shard_size, dtype=x.shard.dtype, device="meta"),
             layout=x.layout.with_world_size(old_world),
-        )
-        if _is_sharded(x)
-        else x,
+        ),
         like,
-        is_leaf=_is_sharded,
     )
-    # This rank's new slice, and the old files that hold part of it.
-    new_size = nodes[0][1].layout.shard_size
-    total = nodes[0][1].layout.total
-    old_size = nodes[0][1].layout.with_world_size(old_world).shard_size
-    lo, hi = mesh.rank * new_size, min((mesh.rank + 1) * new_size, total)
-    wanted = {0} | {i for i in range(old_world) if i * old_size < hi and (i + 1) * old_size > lo}
-    out = {key: torch.zeros(new_size, dtype=node.shard.dtype) for key, node in nodes}
+    # This rank's new slice (padding excluded), and the old files that hold part of it.
+    new_layout = nodes[0][1].layout
+    old_layout = new_layout.with_world_size(old_world)
+    lo, hi = new_layout.bounds(mesh.rank)
+    hi = min(hi, new_layout.total)
+    wanted = {0} | {i for i in range(old_world) if _overlap((lo, hi), old_layout.bounds(i))}
+    out = {key: torch.zeros(new_layout.shard_size, dtype=node.shard.dtype) for key, node in nodes}
     replicated = None
     for i in sorted(wanted):
         part = load(folder / index["files"][i], like=old_like, device="cpu")
         if i == 0:
             replicated = part
-        a, b = max(lo, i * old_size), min(hi, (i + 1) * old_size)
-        if a >= b:
+        span = _overlap((lo, hi), old_layout.bounds(i))
+        if span is None:  # rank 0's file, read for the replicated leaves only
             continue
-        for key, node in _sharded_nodes(part):
-            out[key][a - lo : b - lo] = node.shard[a - i * old_size : b - i * old_size]
+        (a, b), old_lo = span, old_layout.bounds(i)[0]
+        for key, node in sharded_nodes(part):
+            out[key][a - lo : b - lo] = node.shard[a - old_lo : b - old_lo]
     assert replicated is not None
-    shards = dict(_sharded_nodes(like))
 
-    def place(p: Any, x: Any, old: Any) -> Any:
-        if _is_sharded(x):
-            key = tree.keystr(p)
-            dev = device if device is not None else x.shard.device
-            return ShardedParams(shard=out[key].to(dev), layout=shards[key].layout)
+    def place(key: str, x: ShardedParams, old: Any) -> ShardedParams:
+        return ShardedParams(shard=out[key].to(device if device is not None else x.shard.device), layout=x.layout)
+
+    return map_sharded(place, like, replicated, otherwise=_moved(device), with_path=True)
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
+    """The common part ``[lo, hi)`` of two ranges, or None when they do not meet."""
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    return (lo, hi) if lo < hi else None
+
+
+def _moved(device: torch.device | str | None) -> Any:
+    """``otherwise`` of a walk from a template leaf ``x`` to a loaded leaf ``got``: tensors
+    onto ``device`` (default: the template's), anything else as loaded."""
+
+    def move(x: Any, got: Any) -> Any:
         if isinstance(x, torch.Tensor):
-            return old.to(device if device is not None else x.device)
-        return old
+            return got.to(device if device is not None else x.device)
+        return got
 
-    return tree.map_with_path(place, like, replicated, is_leaf=_is_sharded)
+    return move
 
 
 def full_template(like: Any) -> Any:
     """``like`` with every :class:`ShardedParams` replaced by a zero params pytree of the
     full shapes: the template to load a gathered (unsharded) checkpoint into."""
 
-    def full(x: Any) -> Any:
-        if _is_sharded(x):
-            zeros = torch.zeros(x.layout.padded, dtype=x.shard.dtype, device=x.shard.device)
-            return tree.map(lambda v: v.clone(), x.layout.unflatten(zeros))
-        return x
+    def full(x: ShardedParams) -> Any:
+        zeros = torch.zeros(x.layout.padded, dtype=x.shard.dtype, device=x.shard.device)
+        return tree.map(lambda v: v.clone(), x.layout.unflatten(zeros))
 
-    return tree.map(full, like, is_leaf=_is_sharded)
+    return map_sharded(full, like)
 
 
 def cut_full(full: Any, like: Any, mesh: Mesh, device: torch.device | str | None = None) -> Any:
     """This rank's sharded form of ``full`` (an unsharded tree shaped like
     :func:`full_template` ``(like)``), cut like ``like``; no collective: every rank holds ``full``."""
 
-    def one(x: Any, f: Any) -> Any:
-        if not _is_sharded(x):
-            return f
-        flat = x.layout.with_world_size(1).flatten([v.to(x.layout.dtype) for v in tree.leaves(f)])
-        return ShardedParams(shard=flat, layout=x.layout.with_world_size(1))
+    def cut(x: ShardedParams, f: Any) -> ShardedParams:
+        flat = x.layout.flatten([v.to(x.layout.dtype) for v in tree.leaves(f)])
+        shard = x.layout.cut(flat, mesh.rank).to(device if device is not None else x.shard.device)
+        return ShardedParams(shard=shard, layout=x.layout)
 
-    single = tree.map(one, like, full, is_leaf=_is_sharded)
-    return _recut(single, like, mesh, device)
+    return map_sharded(cut, like, full, otherwise=_moved(device))
 
 
 def _load_gathered(file: Path, like: TrainState, mesh: Mesh, device: torch.device | str | None) -> TrainState:
     """A ``gather=True`` checkpoint: load the full state on every rank, then cut this rank's slice."""
     full = load(file, like=full_template(like), device=device or "cpu")
     return cut_full(full, like, mesh, device)
-
-
-def _recut(single: Any, like: Any, mesh: Mesh, device: torch.device | str | None) -> TrainState:
-    def place(x: Any, one: Any) -> Any:
-        if _is_sharded(x):
-            lo = mesh.rank * x.layout.shard_size
-            flat = torch.nn.functional.pad(one.shard[: x.layout.total], (0, x.layout.padded - x.layout.total))
-            dev = device if device is not None else x.shard.device
-            return ShardedParams(shard=flat[lo : lo + x.layout.shard_size].clone().to(dev), layout=x.layout)
-        if isinstance(x, torch.Tensor):
-            return one.to(device if device is not None else x.device)
-        return one
-
-    return tree.map(place, like, single, is_leaf=_is_sharded)

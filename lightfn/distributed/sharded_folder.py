@@ -38,7 +38,8 @@ from ..checkpoint._io import fetcher, load_described
 from ..checkpoint._structure import CONTAINERS, check_structure, describe_structure, node_children
 from ..errors import CheckpointError
 from ..tree import KeyPath, PyTree, keystr
-from .fully_sharded import ShardedParams
+from .fully_sharded import ShardedParams, sharded_nodes
+from .shard_layout import shard_size_of
 from .sharded_checkpoint import INDEX_NAME, read_index
 
 __all__ = ["load_folder", "read_folder_metadata", "consolidate"]
@@ -61,7 +62,7 @@ def load_folder(
 ) -> PyTree:
     """``lf.load`` of a sharded checkpoint folder (same arguments; ``subtree`` as a key
     path ``prefix``): the unsharded tree, or ``like`` filled with it."""
-    if like is not None and any(isinstance(x, ShardedParams) for x in _tree.leaves(like, is_leaf=_is_sharded)):
+    if like is not None and sharded_nodes(like):
         raise CheckpointError(
             f"{folder}: lf.load gives the full (unsharded) state of a sharded checkpoint, but `like` holds "
             "ShardedParams. Pass an unsharded template (the state before shard_state), or restore the "
@@ -97,10 +98,6 @@ def consolidate(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
 
 
 # ----------------------------------------------------------------------------- the folder
-
-
-def _is_sharded(x: Any) -> bool:
-    return isinstance(x, ShardedParams)
 
 
 def _rank_files(folder: Path, index: dict[str, Any]) -> list[Path]:
@@ -166,7 +163,7 @@ def _check_description(folder: Path, key: str, desc: Any, world: int) -> None:
             f"{world} rank files: the index is damaged. Load an earlier checkpoint."
         )
     total = sum(math.prod(s) for s in desc["shapes"])
-    if total != desc["total"] or desc["shard_size"] != max(1, -(-total // world)):
+    if total != desc["total"] or desc["shard_size"] != shard_size_of(total, world):
         raise CheckpointError(f"{folder / INDEX_NAME}: the sizes recorded for state{key} do not add up; the index is damaged.")
 
 
