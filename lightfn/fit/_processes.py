@@ -51,17 +51,18 @@ from ..data import ArrayLoader
 from ..errors import FitError
 from ..state import TrainState
 from ..step import EvalStep, TrainStep
-from ..distributed.collectives import all_gather_flat, sum_in_buckets
+from ..distributed.collectives import sum_over_ranks
 from ..distributed.data_parallel import RankFoldedLoss, data_parallel, reduce_metrics, replicate_state
 from ..distributed.fully_sharded import ShardedParams, fully_sharded, shard_state, unshard_state
-from ..distributed.mesh import Mesh, guard, init, is_main, require_launched, single_process_mesh
+from ..distributed.sharded_eval import fully_sharded_eval
+from ..distributed.mesh import Mesh, guard, host_all_reduce, init, is_main, require_launched, single_process_mesh
 from ..distributed.rank_data import RankBatches, has_distributed_sampler
 from ..distributed.strategy import Strategy
 from ..distributed.sharded_checkpoint import INDEX_NAME, cut_full, full_template, load_sharded, read_index, save_sharded
 from ._run import Run, load_run, run_metadata, save_run, to_tree
 from ._steps import StepKind, classify
 
-__all__ = ["Processes", "setup_processes", "control_group", "GatheredEval"]
+__all__ = ["Processes", "setup_processes", "control_group"]
 
 _log = logging.getLogger("lightfn.fit")
 
@@ -80,22 +81,6 @@ def _resolve(strategy: str | Strategy | None, kind: StepKind) -> Strategy | None
             "lf.train_step with strategy=..., or the wrapped step without it"
         )
     return strategy or Strategy(name=wrapped)
-
-
-@dataclasses.dataclass(frozen=True)
-class GatheredEval:
-    """An eval step for a fully sharded state: all-gathers the params shard (inside the
-    traced function, so a compiled eval is still one graph) and calls ``eval_step`` on the
-    state with full params."""
-
-    eval_step: Any
-    world_size: int
-    group_name: str | None
-
-    def __call__(self, state: Any, batch: Any) -> Any:
-        sp = state.params
-        full = all_gather_flat(sp.shard, self.world_size, self.group_name) if self.world_size > 1 else sp.shard
-        return self.eval_step(state.replace(params=sp.layout.unflatten(full)), batch)
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -181,8 +166,7 @@ class Processes:
         else:
             return flags, elapsed
         t = torch.tensor([*(float(f) for f in flags), elapsed], dtype=torch.float64, device=on)
-        with guard(self.mesh, "agreeing on when to stop"):
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        host_all_reduce(t, self.mesh, "agreeing on when to stop", op=dist.ReduceOp.MAX, group=group)
         *agreed, clock = t.tolist()
         return tuple(bool(v) for v in agreed), clock if self.voting else elapsed
 
@@ -195,12 +179,7 @@ class Processes:
     def sum(self, acc: Any) -> Any:
         """An accumulator (the means' ``[sum_1..sum_M, n]`` and the Sum states' totals, any
         pytree of tensors) summed over ranks: new tensors, one all-reduce per dtype."""
-        if not self.mesh.distributed:
-            return acc
-        group = self.mesh.group
-        with guard(self.mesh, "reducing metrics"):
-            return sum_in_buckets(acc, lambda flat: dist.all_reduce(flat, group=group),
-                                  upcast_bf16=self.mesh.backend == "gloo")
+        return sum_over_ranks(acc, self.mesh)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -315,7 +294,7 @@ def setup_processes(strategy: str | Strategy | None, step: Any, state: Any, eval
         if not (isinstance(state, TrainState) and isinstance(state.params, ShardedParams)):
             state, sharded_by_fit = shard_state(state, mesh), True
         if eval_step is not None:
-            eval_step = GatheredEval(eval_step, mesh.world_size, mesh.group_name)
+            eval_step = fully_sharded_eval(eval_step, mesh)
     control = control_group(mesh)
     return Processes(mesh=mesh, strategy=strategy, step=step, state=state, eval_step=eval_step, sharded_by_fit=sharded_by_fit,
                   control=control)
