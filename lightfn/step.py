@@ -70,6 +70,12 @@ _MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 _TRUE = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 
+def _batch_dtype(step: Any) -> torch.dtype | None:
+    """The dtype floating batch leaves are cast to before ``step``: that of a ``*-true``
+    precision (its params hold that dtype, as in Lightning), else None."""
+    return _TRUE.get(step.precision)
+
+
 def _check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise StepError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -179,11 +185,7 @@ class TrainStep:
     def replace(self, **changes: Any) -> "TrainStep":
         return dataclasses.replace(self, **changes)
 
-    @property
-    def batch_dtype(self) -> torch.dtype | None:
-        """The dtype floating batch leaves are cast to before this step: that of a
-        ``*-true`` precision (its params hold that dtype, as in Lightning), else None."""
-        return _TRUE.get(self.precision)
+    batch_dtype = property(_batch_dtype)
 
     def init_opt_state(self, params: Any) -> Any:
         """``optimizer.init`` of the params this step trains (all of them without ``trainable``)."""
@@ -299,11 +301,7 @@ class EvalStep:
     def replace(self, **changes: Any) -> "EvalStep":
         return dataclasses.replace(self, **changes)
 
-    @property
-    def batch_dtype(self) -> torch.dtype | None:
-        """The dtype floating batch leaves are cast to before this step: that of a
-        ``*-true`` precision (its params hold that dtype, as in Lightning), else None."""
-        return _TRUE.get(self.precision)
+    batch_dtype = property(_batch_dtype)
 
     def __call__(self, state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
         state = _check_state(state)

@@ -61,42 +61,32 @@ class Timer(Callback):
         """Seconds left of ``duration`` (``None`` without one)."""
         return None if self.duration is None else max(self.duration - self.time_elapsed(), 0.0)
 
-    def _observe(self, ctx: Context) -> None:
+    def _tick(self, ctx: Context, interval: str | None = None) -> Signal | None:
+        """Read the clock; at this timer's ``interval`` (``None``: only read), stop once the
+        budget is spent."""
         self._elapsed = float(ctx.total_elapsed)
-
-    def _check(self, ctx: Context) -> Signal | None:
-        self._observe(ctx)
-        if self.duration is None or self.time_elapsed() < self.duration:
+        if interval != self.interval or self.duration is None or self._elapsed < self.duration:
             return None
-        spent = datetime.timedelta(seconds=round(self.time_elapsed()))
+        spent = datetime.timedelta(seconds=round(self._elapsed))
         budget = datetime.timedelta(seconds=round(self.duration))
         return Signal(stop=True, reason=f"Timer: time limit {budget} reached (elapsed {spent}) "
                                         f"at epoch {ctx.epoch}, step {ctx.step}")
 
     def on_fit_start(self, ctx: Context) -> Signal | None:
         self.start_time = time.time() - float(ctx.elapsed)
-        self._observe(ctx)
-        return None
+        return self._tick(ctx)
 
     def on_train_batch_end(self, ctx: Context) -> Signal | None:
-        if self.interval == "step":
-            return self._check(ctx)
-        self._observe(ctx)
-        return None
+        return self._tick(ctx, "step")
 
     def on_validation_end(self, ctx: Context) -> Signal | None:
-        self._observe(ctx)
-        return None
+        return self._tick(ctx)
 
     def on_epoch_end(self, ctx: Context) -> Signal | None:
-        if self.interval == "epoch":
-            return self._check(ctx)
-        self._observe(ctx)
-        return None
+        return self._tick(ctx, "epoch")
 
     def on_fit_end(self, ctx: Context) -> Signal | None:
-        self._observe(ctx)
-        return None
+        return self._tick(ctx)
 
     def state_dict(self) -> dict[str, Any]:
         return {"time_elapsed": self.time_elapsed()}

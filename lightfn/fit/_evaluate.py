@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 from tqdm.auto import tqdm
@@ -41,18 +41,18 @@ __all__ = ["validate", "test"]
 EvalStepFn = Callable[[Any, Any], Mapping[str, torch.Tensor]]
 
 
-def validate(
-    eval_step: EvalStepFn,
-    state: Any,
-    data: Any,
-    *,
-    loggers: Sequence[Logger] = (),
-    callbacks: Sequence[Callback] = (),
-    device: torch.device | str | None = None,
-    jit: bool = False,
-    progress: bool | None = None,
-    compute_metrics: ComputeFn | None = None,
-) -> dict[str, float]:
+class EvalOptions(TypedDict, total=False):
+    """The keyword options ``lf.validate`` and ``lf.test`` share (see :func:`validate`)."""
+
+    loggers: Sequence[Logger]
+    callbacks: Sequence[Callback]
+    device: torch.device | str | None
+    jit: bool
+    progress: bool | None
+    compute_metrics: ComputeFn | None
+
+
+def validate(eval_step: EvalStepFn, state: Any, data: Any, **options: Unpack[EvalOptions]) -> dict[str, float]:
     """Run ``eval_step`` over ``data`` on ``state``; return ``{"val/<name>": mean}``.
 
     Args:
@@ -76,36 +76,25 @@ def validate(
             step returns as ``lf.metrics.Sum(...)`` (summed over all of ``data``): F1,
             perplexity...; returned as ``val/<name>``, as fit's (:mod:`lightfn.metrics`).
     """
-    return _run("val", "eval", eval_step, state, data, loggers, callbacks, device, jit, progress, compute_metrics)
+    return _run("val", "eval", eval_step, state, data, **options)
 
 
-def test(
-    eval_step: EvalStepFn,
-    state: Any,
-    data: Any,
-    *,
-    loggers: Sequence[Logger] = (),
-    callbacks: Sequence[Callback] = (),
-    device: torch.device | str | None = None,
-    jit: bool = False,
-    progress: bool | None = None,
-    compute_metrics: ComputeFn | None = None,
-) -> dict[str, float]:
+def test(eval_step: EvalStepFn, state: Any, data: Any, **options: Unpack[EvalOptions]) -> dict[str, float]:
     """:func:`validate` for a test set: returns ``{"test/<name>": mean}``; callbacks see
     ``ctx.stage == "test"``.
 
     ``lf.test(evaluate, lf.load(ckpt.best_model_path, like=state), test_data)`` scores the
     best checkpoint a ``ModelCheckpoint`` kept.
     """
-    return _run("test", "test", eval_step, state, data, loggers, callbacks, device, jit, progress, compute_metrics)
+    return _run("test", "test", eval_step, state, data, **options)
 
 
 test.__test__ = False  # type: ignore[attr-defined]  # a library function, not a pytest test when imported by name
 
 
-def _run(metric: str, stage: str, eval_step: EvalStepFn, state: Any, data: Any, loggers: Sequence[Logger],
-         callbacks: Sequence[Callback], device: torch.device | str | None, jit: bool, progress: bool | None,
-         compute_metrics: ComputeFn | None) -> dict[str, float]:
+def _run(metric: str, stage: str, eval_step: EvalStepFn, state: Any, data: Any, *, loggers: Sequence[Logger] = (),
+         callbacks: Sequence[Callback] = (), device: torch.device | str | None = None, jit: bool = False,
+         progress: bool | None = None, compute_metrics: ComputeFn | None = None) -> dict[str, float]:
     t0 = time.monotonic()
     if not callable(eval_step):
         raise FitError(f"eval_step must be a function (state, batch) -> metrics, e.g. lf.eval_step(loss_fn); got {type(eval_step).__name__}")
