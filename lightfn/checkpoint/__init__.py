@@ -29,10 +29,4 @@ The package, from the bottom up:
 from ..errors import CheckpointError
 from ._io import load, read_metadata, save
 
-# Not public (not in __all__), importable from here as before for lightfn.distributed's
-# sharded checkpoints: the index file's atomic write, its params trees, the shared loader.
-from ._atomic import write_atomic as write_atomic
-from ._io import load_described as load_described
-from ._structure import describe_structure as describe_structure
-
 __all__ = ["save", "load", "read_metadata", "CheckpointError"]

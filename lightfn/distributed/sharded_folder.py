@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from .. import tree as _tree
 from ..checkpoint import read_metadata, save
 from ..checkpoint._bytes import DTYPES, Header, dtype_name, open_checkpoint, read_header
 from ..checkpoint._format import parse_lightfn_meta

@@ -1,55 +1,26 @@
-"""Data loaders: a fast, device-resident :class:`ArrayLoader` and :func:`iterate` for any source.
+"""The :class:`ArrayLoader`: batches as slices of in-memory tensors, in an order that is a
+pure function of ``(seed, epoch)`` (see :mod:`lightfn.data`).
 
-:class:`ArrayLoader` is the path for data that fits in memory (MNIST, tabular data,
-embeddings): the whole dataset is a pytree of tensors sharing a leading dimension, batches
-are whole slices (no per-sample collate, no worker processes), and with ``device=`` the data
-is moved to the accelerator once so every batch comes from device memory.
-
-Its order is a pure function of ``(seed, epoch)``: nothing about the data order lives in the
-loader's mutable state, so a run killed mid-epoch and resumed with
-``loader.iter_epoch(epoch, start=k)`` sees exactly the batches it would have seen.
-
->>> import torch
->>> x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
->>> loader = ArrayLoader((x, y), batch_size=4, shuffle=False)
->>> [tuple(b[1].tolist()) for b in loader]
-[(0, 1, 2, 3), (4, 5, 6, 7)]
->>> len(ArrayLoader({"x": x}, batch_size=4, drop_last=False))
-3
-
-With ``poisson_rate=q`` the loader samples as DP-SGD's privacy accounting assumes: every
-row joins each batch independently with probability ``q`` (``round(1/q)`` batches per
-epoch). Batches keep one fixed shape, a :class:`MaskedBatch` whose mask marks the rows
-drawn, so a compiled step never sees a new size:
-
->>> pl = ArrayLoader((x, y), poisson_rate=0.3, seed=0)
->>> b = next(iter(pl))
->>> type(b).__name__, tuple(b.mask.shape) == (pl.batch_size,), len(pl)
-('MaskedBatch', True, 3)
-
-:func:`iterate` is the one way the training loop walks any data source (an ArrayLoader, a
-``torch.utils.data.DataLoader``, or a list of batches), so user loops and ``lf.fit`` resume
-the same way.
+One concept, and more than ~300 lines because it is one: its validation, the chunked
+shuffled gather (see ``_CHUNK_BYTES``), Poisson sampling with fixed-shape masked batches,
+and per-rank sharding all serve the same resumable order and share its state.
 """
 
 from __future__ import annotations
 
-import collections.abc
 import copy
-import itertools
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from . import tree as _tree
-from ._diagnostics import not_a_tensor
-from ._poisson import OVERFLOW_PROBABILITY, poisson_capacity, poisson_rows
-from .errors import DataError
+from .. import tree as _tree
+from .._diagnostics import not_a_tensor
+from .._poisson import OVERFLOW_PROBABILITY, poisson_capacity, poisson_rows
+from ..errors import DataError
 
-__all__ = ["DataError", "ArrayLoader", "MaskedBatch", "poisson_capacity", "iterate", "num_batches"]
+__all__ = ["ArrayLoader", "MaskedBatch", "rank_span", "check_int"]
 
 # A shuffled epoch gathers rows in chunks of about this many bytes and yields batches as
 # views into each chunk: one index_select per leaf per chunk amortizes the per-call cost,
@@ -86,7 +57,7 @@ def _mix_seed(seed: int, epoch: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
+def check_int(name: str, value: Any, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise DataError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -180,8 +151,8 @@ class ArrayLoader:
             drop_last = False  # every Poisson batch has the capacity's shape: nothing to drop
         elif batch_size is None:
             raise DataError("ArrayLoader needs a batch_size (or poisson_rate=q for Poisson-sampled batches)")
-        _check_int("batch_size", batch_size, minimum=1)
-        _check_int("seed", seed, minimum=-(1 << 63))
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("seed", seed, minimum=-(1 << 63))
         if drop_last and batch_size > n:
             raise DataError(
                 f"batch_size={batch_size} is larger than the dataset ({n} samples), so drop_last=True leaves "
@@ -283,7 +254,7 @@ class ArrayLoader:
         A pure function of ``(seed, epoch)`` (``arange(N)`` when not shuffling): the same on
         every rank and after any restart.
         """
-        _check_int("epoch", epoch, minimum=0)
+        check_int("epoch", epoch, minimum=0)
         if self._poisson_rate is not None:
             raise DataError("a Poisson-sampling loader has no epoch order: each batch is drawn independently")
         if not self._shuffle:
@@ -293,7 +264,7 @@ class ArrayLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch that ``iter(loader)`` walks (for hand-written loops)."""
-        self._epoch = _check_int("epoch", epoch, minimum=0)
+        self._epoch = check_int("epoch", epoch, minimum=0)
 
     def __iter__(self) -> Iterator[Any]:
         return self.iter_epoch(self._epoch)
@@ -303,8 +274,8 @@ class ArrayLoader:
 
         ``list(loader.iter_epoch(e, start=k)) == list(loader.iter_epoch(e))[k:]``.
         """
-        _check_int("epoch", epoch, minimum=0)
-        _check_int("start", start, minimum=0)
+        check_int("epoch", epoch, minimum=0)
+        check_int("start", start, minimum=0)
         if start > len(self):
             raise DataError(f"start={start} is past the end of the epoch ({len(self)} batches)")
         return self._batches(epoch, start)
@@ -394,8 +365,8 @@ class ArrayLoader:
         ``m < world_size``), so all ranks still run the same number of steps.
         The data is shared with this loader, not copied.
         """
-        _check_int("world_size", world_size, minimum=1)
-        _check_int("rank", rank, minimum=0)
+        check_int("world_size", world_size, minimum=1)
+        check_int("rank", rank, minimum=0)
         if rank >= world_size:
             raise DataError(f"rank={rank} must be < world_size={world_size}")
         if self._poisson_rate is not None:
@@ -410,49 +381,3 @@ class ArrayLoader:
         out = copy.copy(self)
         out._rank, out._world_size = rank, world_size
         return out
-
-
-def num_batches(data: Any) -> int | None:
-    """Batches per epoch of ``data`` when it knows (``len(data)``), else ``None``."""
-    if isinstance(data, collections.abc.Sized):
-        try:
-            return len(data)
-        except TypeError:  # a DataLoader over an IterableDataset has no length
-            return None
-    return None
-
-
-def iterate(data: Any, epoch: int = 0, start: int = 0) -> Iterator[Any]:
-    """The batches of ``epoch`` of any data source, beginning at batch index ``start``.
-
-    - :class:`ArrayLoader`: ``data.iter_epoch(epoch, start)``. Resume is exact: the order
-      is a pure function of ``(seed, epoch)`` and nothing before ``start`` is touched.
-    - ``torch.utils.data.DataLoader``: if its sampler (or its batch sampler's sampler) is a
-      ``DistributedSampler``, ``set_epoch(epoch)`` is called first; then ``start`` batches
-      are drawn and discarded (they are loaded, which costs time). Resume is exact only when
-      the loader's order is deterministic per epoch (no shuffle, a ``DistributedSampler``,
-      or a generator you re-seed per epoch); a loader shuffled by an unseeded generator
-      skips ``start`` batches of a *new* order, so the batches seen before are not the ones
-      skipped.
-    - Any other re-iterable of batches (a list, a tuple, an object whose ``__iter__`` starts
-      over): iterated from the beginning with ``start`` batches skipped; exact when it
-      yields the same batches every time. A one-shot iterator (a generator) is consumed by
-      the first epoch and yields nothing afterwards.
-    """
-    _check_int("epoch", epoch, minimum=0)
-    _check_int("start", start, minimum=0)
-    if isinstance(data, ArrayLoader):
-        return data.iter_epoch(epoch, start)
-    if isinstance(data, DataLoader):
-        samplers = [data.sampler]
-        if isinstance(data.batch_sampler, BatchSampler):
-            samplers.append(data.batch_sampler.sampler)
-        for sampler in samplers:
-            if isinstance(sampler, DistributedSampler):
-                sampler.set_epoch(epoch)
-    if not isinstance(data, Iterable):
-        raise DataError(
-            f"cannot iterate over {type(data).__name__}: pass an lf.data.ArrayLoader, a "
-            "torch.utils.data.DataLoader or any iterable of batches"
-        )
-    return itertools.islice(iter(data), start, None)
