@@ -20,14 +20,9 @@ from ._lifetime import shutdown
 from .collectives import all_reduce_mean
 from .data_parallel import data_parallel, reduce_metrics, replicate_state, shard_batch
 from .fully_sharded import FullyShardedStep, ShardedParams, fully_sharded, gather_params, shard_bytes, shard_state, unshard_state, unshard_tree
+from .host import all_agree, any_rank, barrier, broadcast, check_same_structure, guard
 from .mesh import (
     Mesh,
-    all_agree,
-    any_rank,
-    barrier,
-    broadcast,
-    check_same_structure,
-    guard,
     init,
     is_main,
     launched,

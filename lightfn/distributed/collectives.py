@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from .. import tree
-from .mesh import Mesh, host_all_reduce
+from .host import host_all_reduce
+from .mesh import Mesh
 
 __all__ = [
     "all_reduce_sum",
@@ -106,7 +107,7 @@ def sum_in_buckets(values: Any, all_reduce_: Callable[[torch.Tensor], Any], *, u
 def sum_over_ranks(values: Any, mesh: Mesh, what: str = "reducing metrics") -> Any:
     """A copy of the pytree ``values`` summed over the ranks of ``mesh`` (``values``
     itself on one process): :func:`sum_in_buckets` with
-    :func:`~lightfn.distributed.mesh.host_all_reduce`, bfloat16 summed in float32 on gloo.
+    :func:`~lightfn.distributed.host.host_all_reduce`, bfloat16 summed in float32 on gloo.
     Host-side: at log points (fit's metric accumulators)."""
     if not mesh.distributed:
         return values

@@ -41,7 +41,8 @@ from ..errors import DistributedError
 from ..state import TrainState
 from ..step import EvalStep, TrainStep
 from .collectives import bucketed_mean
-from .mesh import LAUNCH_HINT, Mesh, broadcast, check_same_structure, host_all_reduce, launched
+from .host import broadcast, check_same_structure, host_all_reduce
+from .mesh import LAUNCH_HINT, Mesh, launched
 from .rank_data import batch_rows, rank_rows
 
 __all__ = ["data_parallel", "replicate_state", "reduce_metrics", "shard_batch", "check_mesh"]

@@ -46,7 +46,8 @@ from ..step import TrainStep
 from ..optim import GradientTransformation
 from .collectives import all_gather_flat, reduce_scatter_sum
 from .data_parallel import RankFoldedLoss, check_mesh
-from .mesh import Mesh, broadcast, check_same_structure, guard
+from .host import broadcast, check_same_structure, guard
+from .mesh import Mesh
 from .shard_layout import ShardLayout, layout_of
 
 __all__ = [

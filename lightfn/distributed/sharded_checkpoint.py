@@ -52,7 +52,8 @@ from ..checkpoint._structure import describe_structure
 from ..errors import CheckpointError
 from ..state import TrainState
 from .fully_sharded import ShardedParams, map_sharded, sharded_nodes, unshard_tree
-from .mesh import Mesh, barrier, guard
+from .host import barrier, guard
+from .mesh import Mesh
 
 __all__ = ["save_sharded", "load_sharded", "read_index", "index_contents", "full_template", "cut_full", "INDEX_NAME"]
 

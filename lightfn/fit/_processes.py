@@ -55,7 +55,8 @@ from ..distributed.collectives import sum_over_ranks
 from ..distributed.data_parallel import RankFoldedLoss, data_parallel, reduce_metrics, replicate_state
 from ..distributed.fully_sharded import ShardedParams, fully_sharded, shard_state, unshard_state
 from ..distributed.sharded_eval import fully_sharded_eval
-from ..distributed.mesh import Mesh, guard, host_all_reduce, init, is_main, require_launched, single_process_mesh
+from ..distributed.host import guard, host_all_reduce
+from ..distributed.mesh import Mesh, init, is_main, require_launched, single_process_mesh
 from ..distributed.rank_data import RankBatches, has_distributed_sampler
 from ..distributed.strategy import Strategy
 from ..distributed.sharded_checkpoint import INDEX_NAME, cut_full, full_template, load_sharded, read_index, save_sharded
