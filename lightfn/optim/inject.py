@@ -55,7 +55,15 @@ import torch
 
 from .. import tree as _tree
 from ..errors import StepError
-from ._checks import OptimizerConfigError, StateMismatchError, check_params, check_state, scalar_dtype, zero_count
+from ._checks import (
+    OptimizerConfigError,
+    StateMismatchError,
+    check_learning_rate,
+    check_params,
+    check_state,
+    scalar_dtype,
+    zero_count,
+)
 from .base import GradientTransformation, PyTree, call_inner
 
 __all__ = ["InjectHyperparamsState", "inject_hyperparams"]
@@ -124,8 +132,15 @@ def inject_hyperparams(
                 _check_one_value(who, name, v, "as given")
         schedules = {k: v for k, v in injected.items() if callable(v)}
         # Build once with the given Python values: the factory validates them now, at
-        # construction, like the plain optimizer would.
-        factory(**given)
+        # construction, like the plain optimizer would. A schedule enters as its first
+        # value: the factory may take only numbers for that argument (weight_decay...).
+        for name, v in schedules.items():
+            check_learning_rate(v, who, name)  # a function of the step count, not e.g. a torch LRScheduler
+        first = {k: v(zero_count(None)) for k, v in schedules.items()}
+        for name, v in first.items():
+            if isinstance(v, torch.Tensor):
+                _check_one_value(who, name, v, "the value its schedule returned")
+        factory(**{**given, **first})
 
         def values(count: torch.Tensor, stored: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
             dtype = hyperparam_dtype or scalar_dtype(count.device)
