@@ -59,6 +59,7 @@ def test_ensemble(tmp_path):
     for r in variants.values():
         _positive(r, "us_per_step", "cpu_us_per_step", "us_per_member_step", "samples_per_s", "ensemble_speedup")
     _positive(result, "speedup_vs_separate", "flop_floor_us")
+    _positive(result["gemm_cpu_us"], "ensemble_bmm", "separate_mm", "ensemble_concat_mm")
 
 
 def test_seed_autoencoder(tmp_path):

@@ -25,6 +25,7 @@ __all__ = [
     "scalar_dtype",
     "zero_count",
     "check_learning_rate",
+    "tensor_hyperparam",
 ]
 
 
@@ -164,6 +165,28 @@ def once_per_step(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def zero_count(params: Any) -> torch.Tensor:
     """A fresh step counter: a 0-d int64 tensor on the params' device."""
     return torch.zeros((), dtype=torch.int64, device=_tree.device_of(params))
+
+
+def tensor_hyperparam(value: Any, who: str, name: str) -> bool:
+    """Whether hyperparameter ``name`` is a tensor (then a 0-d real floating one, checked here).
+
+    Every numeric hyperparameter may be a 0-d tensor instead of a Python number: that is
+    how :func:`~lightfn.optim.inject.inject_hyperparams` passes the values it keeps in the
+    optimizer state, one per ensemble member under ``vmap``. A tensor's *value* is never
+    read here (that would be a host sync, and data-dependent under ``vmap``/compile); its
+    range was checked when the optimizer was built from Python numbers. Callers range-check
+    Python numbers themselves when this returns False.
+    """
+    if not isinstance(value, torch.Tensor):
+        return False
+    if value.dim() != 0 or not value.is_floating_point():
+        raise OptimizerConfigError(
+            f"{who}: {name} must be a number or a 0-d floating tensor (one value per optimizer), got a "
+            f"{value.dtype} tensor of shape {tuple(value.shape)}. To train several values at once, build one "
+            "optimizer state per value (lf.optim.inject_hyperparams), stack the states with lf.tree.stack and "
+            "run the step under lf.ensemble."
+        )
+    return True
 
 
 def _named(value: Any) -> str:

@@ -4,6 +4,12 @@ The arithmetic follows torch.optim's single-tensor implementations operation by 
 (``lerp`` for first moments, ``addcmul`` for second moments, ``eps`` added outside the
 square root), so a float64 run tracks torch.optim to rounding. Moments have each param's
 dtype; scalar math (bias corrections) runs in float64 on the params' device.
+
+Every hyperparameter (betas, ``decay``, ``eps``, ``eps_root``, initial values) is a Python
+float or a 0-d tensor (what :func:`~lightfn.optim.inject.inject_hyperparams` passes). A
+float takes exactly the path it always took; a tensor takes the same arithmetic written
+with tensor operands (``addcmul``'s ``value=`` only takes a number, so the tensor factor
+multiplies an operand instead), never read on the host, so it vmaps and compiles.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 
 from .. import tree as _tree
 from ..errors import OptimizerConfigError, StateMismatchError
-from ._checks import check_match, check_params, check_state, once_per_step, scalar_dtype, zero_count
+from ._checks import check_match, check_params, check_state, once_per_step, scalar_dtype, tensor_hyperparam, zero_count
 from .base import GradientTransformation, PyTree
 
 __all__ = [
@@ -67,18 +73,35 @@ class ScaleByLionState(NamedTuple):
     mu: PyTree
 
 
-def _check_beta(name: str, value: float, transform: str) -> None:
-    if not 0.0 <= value < 1.0:
+Scalar = float | torch.Tensor
+
+
+def _check_beta(name: str, value: Scalar, transform: str) -> None:
+    if not tensor_hyperparam(value, transform, name) and not 0.0 <= value < 1.0:
         raise OptimizerConfigError(f"{transform}: {name} must be in [0, 1), got {value}")
 
 
-def _check_eps(value: float, transform: str) -> None:
-    if value < 0.0:
-        raise OptimizerConfigError(f"{transform}: eps must be >= 0, got {value}")
+def _check_eps(value: Scalar, transform: str, name: str = "eps") -> None:
+    if not tensor_hyperparam(value, transform, name) and value < 0.0:
+        raise OptimizerConfigError(f"{transform}: {name} must be >= 0, got {value}")
+
+
+def _decay_square(v: torch.Tensor, g: torch.Tensor, decay: Scalar) -> torch.Tensor:
+    """``decay * v + (1 - decay) * g * g`` as torch.optim writes it (``addcmul``)."""
+    if isinstance(decay, torch.Tensor):
+        # (1 - decay) * g, then * g: the product addcmul forms from value=, same rounding.
+        return torch.addcmul(v * decay, g * (1.0 - decay), g)
+    return torch.addcmul(v * decay, g, g, value=1.0 - decay)
+
+
+def _full_like(p: torch.Tensor, value: Scalar) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return torch.zeros_like(p) + value.to(p.dtype)
+    return torch.full_like(p, value)
 
 
 def scale_by_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0, amsgrad: bool = False
+    b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8, eps_root: Scalar = 0.0, amsgrad: bool = False
 ) -> GradientTransformation:
     """Adam's direction ``m_hat / (sqrt(v_hat + eps_root) + eps)`` with bias-corrected moments.
 
@@ -88,6 +111,7 @@ def scale_by_adam(
     _check_beta("b1", b1, "scale_by_adam")
     _check_beta("b2", b2, "scale_by_adam")
     _check_eps(eps, "scale_by_adam")
+    tensor_hyperparam(eps_root, "scale_by_adam", "eps_root")
 
     def init(params: PyTree) -> ScaleByAdamState:
         check_params(params, "scale_by_adam")
@@ -107,10 +131,10 @@ def scale_by_adam(
         bc1, bc2 = 1.0 - torch.pow(b1, step), 1.0 - torch.pow(b2, step)
         bc1, bc2, bc2_sqrt = once_per_step(bc1, bc2, torch.sqrt(bc2))
         mu = _tree.map(lambda g, m: torch.lerp(m, g, 1.0 - b1), updates, state.mu)
-        nu = _tree.map(lambda g, v: torch.addcmul(v * b2, g, g, value=1.0 - b2), updates, state.nu)
+        nu = _tree.map(lambda g, v: _decay_square(v, g, b2), updates, state.nu)
         nu_max = _tree.map(torch.maximum, state.nu_max, nu) if amsgrad else None
         second = nu_max if amsgrad else nu
-        if eps_root == 0.0:
+        if not isinstance(eps_root, torch.Tensor) and eps_root == 0.0:
             out = _tree.map(lambda m, v: (m / bc1) / (torch.sqrt(v) / bc2_sqrt + eps), mu, second)
         else:
             out = _tree.map(lambda m, v: (m / bc1) / (torch.sqrt(v / bc2 + eps_root) + eps), mu, second)
@@ -119,57 +143,59 @@ def scale_by_adam(
     return GradientTransformation(init, update)
 
 
-def scale_by_rms(decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0) -> GradientTransformation:
+def scale_by_rms(decay: Scalar = 0.9, eps: Scalar = 1e-8, initial_scale: Scalar = 0.0) -> GradientTransformation:
     """RMSprop's scaling ``g / (sqrt(nu) + eps)``, ``nu`` the running mean of ``g**2``.
 
     ``eps`` is added outside the square root, as in torch.optim.RMSprop.
     """
     _check_beta("decay", decay, "scale_by_rms")
     _check_eps(eps, "scale_by_rms")
+    tensor_hyperparam(initial_scale, "scale_by_rms", "initial_scale")
 
     def init(params: PyTree) -> ScaleByRmsState:
         check_params(params, "scale_by_rms")
-        return ScaleByRmsState(_tree.map(lambda p: torch.full_like(p, initial_scale), params))
+        return ScaleByRmsState(_tree.map(lambda p: _full_like(p, initial_scale), params))
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByRmsState]:
         state = check_state(state, ScaleByRmsState, "scale_by_rms")
         check_match(state.nu, updates, what="scale_by_rms: updates vs second moment (shaped like params)")
-        nu = _tree.map(lambda g, v: torch.addcmul(v * decay, g, g, value=1.0 - decay), updates, state.nu)
+        nu = _tree.map(lambda g, v: _decay_square(v, g, decay), updates, state.nu)
         out = _tree.map(lambda g, v: g / (torch.sqrt(v) + eps), updates, nu)
         return out, ScaleByRmsState(nu)
 
     return GradientTransformation(init, update)
 
 
-def scale_by_stddev(decay: float = 0.9, eps: float = 1e-8, initial_scale: float = 0.0) -> GradientTransformation:
+def scale_by_stddev(decay: Scalar = 0.9, eps: Scalar = 1e-8, initial_scale: Scalar = 0.0) -> GradientTransformation:
     """Centered RMSprop's scaling ``g / (sqrt(nu - mu**2) + eps)``."""
     _check_beta("decay", decay, "scale_by_stddev")
     _check_eps(eps, "scale_by_stddev")
+    tensor_hyperparam(initial_scale, "scale_by_stddev", "initial_scale")
 
     def init(params: PyTree) -> ScaleByStddevState:
         check_params(params, "scale_by_stddev")
-        return ScaleByStddevState(_tree.zeros_like(params), _tree.map(lambda p: torch.full_like(p, initial_scale), params))
+        return ScaleByStddevState(_tree.zeros_like(params), _tree.map(lambda p: _full_like(p, initial_scale), params))
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByStddevState]:
         state = check_state(state, ScaleByStddevState, "scale_by_stddev")
         check_match(state.nu, updates, what="scale_by_stddev: updates vs second moment (shaped like params)")
         mu = _tree.map(lambda g, m: torch.lerp(m, g, 1.0 - decay), updates, state.mu)
-        nu = _tree.map(lambda g, v: torch.addcmul(v * decay, g, g, value=1.0 - decay), updates, state.nu)
+        nu = _tree.map(lambda g, v: _decay_square(v, g, decay), updates, state.nu)
         out = _tree.map(lambda g, m, v: g / (torch.sqrt(torch.addcmul(v, m, m, value=-1.0)) + eps), updates, mu, nu)
         return out, ScaleByStddevState(mu, nu)
 
     return GradientTransformation(init, update)
 
 
-def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> GradientTransformation:
+def scale_by_rss(initial_accumulator_value: Scalar = 0.0, eps: Scalar = 1e-10) -> GradientTransformation:
     """Adagrad's scaling ``g / (sqrt(sum of g**2 so far) + eps)``."""
     _check_eps(eps, "scale_by_rss")
-    if initial_accumulator_value < 0:
+    if not tensor_hyperparam(initial_accumulator_value, "scale_by_rss", "initial_accumulator_value") and initial_accumulator_value < 0:
         raise OptimizerConfigError(f"scale_by_rss: initial_accumulator_value must be >= 0, got {initial_accumulator_value}")
 
     def init(params: PyTree) -> ScaleByRssState:
         check_params(params, "scale_by_rss")
-        return ScaleByRssState(_tree.map(lambda p: torch.full_like(p, initial_accumulator_value), params))
+        return ScaleByRssState(_tree.map(lambda p: _full_like(p, initial_accumulator_value), params))
 
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByRssState]:
         state = check_state(state, ScaleByRssState, "scale_by_rss")
@@ -181,7 +207,7 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> 
     return GradientTransformation(init, update)
 
 
-def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
+def scale_by_lion(b1: Scalar = 0.9, b2: Scalar = 0.99) -> GradientTransformation:
     """Lion's direction ``sign(b1 * mu + (1 - b1) * g)``; then ``mu = b2 * mu + (1 - b2) * g``."""
     _check_beta("b1", b1, "scale_by_lion")
     _check_beta("b2", b2, "scale_by_lion")

@@ -25,16 +25,20 @@ tensors, so what it builds must accept tensors for the injected names.
 >>> stacked.hyperparams["lr"].tolist()
 [0.1, 0.01]
 
-Which hyperparameters accept tensors today: the learning rate of every ``lf.optim`` alias
-(``sgd``, ``adam``, ``adamw``, ``rmsprop``, ``adagrad``, ``lion``) and every argument of
-the building blocks :func:`~lightfn.optim.transforms.scale_by_learning_rate`,
-:func:`~lightfn.optim.transforms.add_decayed_weights` and
-:func:`~lightfn.optim.transforms.trace`, so a weight-decay or momentum sweep is a factory
-written from them (see the tests). The aliases' other arguments (``momentum``,
-``weight_decay``, betas) are still validated and branched on as Python numbers, and
-the Adam family's moment updates take Python betas; injecting those raises a
-:class:`~lightfn.errors.StepError` naming the argument when the step runs vmapped or
-compiled.
+Which hyperparameters accept tensors: every numeric argument of the ``lf.optim`` aliases
+(``sgd``'s ``lr``, ``momentum``, ``dampening``, ``weight_decay``; ``adam``/``adamw``'s
+``lr``, ``b1``, ``b2``, ``eps``, ``eps_root``, ``weight_decay``; ``rmsprop``'s ``alpha``,
+``eps``, ``weight_decay``, ``momentum``; ``adagrad``'s ``lr_decay``, ``weight_decay``,
+``initial_accumulator_value``, ``eps``; ``lion``'s betas and ``weight_decay``) and of the
+transforms they are built from. Betas are injected one by one: pass ``b1=``/``b2=``
+(optax's names); a ``betas=(..., ...)`` tuple stays a fixed argument. The transforms take
+the tensors as data (no host sync, no branching on their values), so a float injected
+this way gives the plain optimizer's numbers. Bools (``nesterov``, ``amsgrad``,
+``centered``) and masks stay fixed. Each value is one number: a tensor of another shape
+is refused with an error naming the hyperparameter (a sweep is a stack of states, one
+value each). A factory of your own may branch on a value as a Python number; injecting
+that value raises a :class:`~lightfn.errors.StepError` naming it when the step runs
+vmapped or compiled: keep it fixed with ``static_args``.
 
 ``lf.optim.current_lr`` / ``learning_rates`` (and so ``LearningRateMonitor``) keep
 finding the rate: the inner optimizer still records it in its
@@ -50,8 +54,8 @@ from typing import Any, NamedTuple
 import torch
 
 from .._diagnostics import first_line
-from ..errors import StateMismatchError, StepError
-from ._checks import check_params, check_state, scalar_dtype, zero_count
+from ..errors import OptimizerConfigError, StateMismatchError, StepError
+from ._checks import check_learning_rate, check_params, check_state, scalar_dtype, zero_count
 from .base import GradientTransformation, PyTree, call_inner
 
 __all__ = ["InjectHyperparamsState", "inject_hyperparams"]
@@ -69,8 +73,19 @@ class InjectHyperparamsState(NamedTuple):
 
 def _is_number(x: Any) -> bool:
     if isinstance(x, torch.Tensor):
-        return x.dim() == 0 and x.is_floating_point()
+        return x.is_floating_point()
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_one_value(who: str, name: str, value: torch.Tensor, where: str) -> None:
+    """An injected value is one number: its shape is static, so this costs nothing traced."""
+    if value.dim() != 0:
+        raise OptimizerConfigError(
+            f"{who}: hyperparameter {name!r} ({where}) has shape {tuple(value.shape)}, expected a 0-d tensor "
+            "(one value per optimizer). To train several values at once, build one optimizer per value, "
+            "create one state each, stack them with lf.tree.stack and run the step under lf.ensemble (each "
+            "member then sees its own 0-d value); keep a non-scalar argument fixed with static_args=..."
+        )
 
 
 def inject_hyperparams(
@@ -94,19 +109,30 @@ def inject_hyperparams(
         raise StepError(f"inject_hyperparams expects an optimizer factory (e.g. lf.optim.adam), got {type(factory).__name__}")
     statics = {static_args} if isinstance(static_args, str) else set(static_args)
     signature = inspect.signature(factory)
+    who = f"inject_hyperparams({getattr(factory, '__name__', factory)})"
 
     def make(*args: Any, **kwargs: Any) -> GradientTransformation:
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise StepError(f"inject_hyperparams({getattr(factory, '__name__', factory)}): {e}") from None
+            raise StepError(f"{who}: {e}") from None
         given = dict(bound.arguments)
         fixed = {k: v for k, v in given.items() if k in statics or not (_is_number(v) or callable(v))}
         injected = {k: v for k, v in given.items() if k not in fixed}
+        for name, v in injected.items():
+            if isinstance(v, torch.Tensor):
+                _check_one_value(who, name, v, "as given")
         schedules = {k: v for k, v in injected.items() if callable(v)}
         # Build once with the given Python values: the factory validates them now, at
-        # construction, like the plain optimizer would.
-        factory(**given)
+        # construction, like the plain optimizer would. A schedule enters as its first
+        # value: the factory may take only numbers for that argument (weight_decay...).
+        for name, v in schedules.items():
+            check_learning_rate(v, who, name)  # a function of the step count, not e.g. a torch LRScheduler
+        first = {k: v(zero_count(None)) for k, v in schedules.items()}
+        for name, v in first.items():
+            if isinstance(v, torch.Tensor):
+                _check_one_value(who, name, v, "the value its schedule returned")
+        factory(**{**given, **first})
 
         def values(count: torch.Tensor, stored: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
             dtype = hyperparam_dtype or scalar_dtype(count.device)
@@ -114,9 +140,14 @@ def inject_hyperparams(
             for name, v in injected.items():
                 if name in schedules:
                     v = v(count)
+                    where = "the value its schedule returned"
                 elif stored is not None:
                     v = stored[name]
+                    where = f"in opt_state.hyperparams[{name!r}]"
+                else:
+                    where = "as given"
                 if isinstance(v, torch.Tensor):
+                    _check_one_value(who, name, v, where)
                     out[name] = v.to(device=count.device, dtype=dtype)
                 else:
                     out[name] = torch.tensor(v, dtype=dtype, device=count.device)
@@ -146,10 +177,9 @@ def inject_hyperparams(
                 if "data-dependent" not in str(e):
                     raise
                 raise StepError(
-                    f"inject_hyperparams({getattr(factory, '__name__', factory)}): the factory cannot take "
-                    f"{sorted(injected)} as tensors ({type(e).__name__}: {first_line(e, 200)}). Keep the "
-                    "ones it treats as Python numbers fixed with static_args=..., or build the optimizer from "
-                    "lf.optim transforms that take tensors (scale_by_learning_rate, add_decayed_weights, trace)."
+                    f"{who}: the factory cannot take {sorted(injected)} as tensors ({type(e).__name__}: "
+                    f"{first_line(e, 200)}). Keep the ones it treats as Python numbers fixed with "
+                    "static_args=..., or build the optimizer from lf.optim transforms (they take tensors)."
                 ) from e
             return new_updates, InjectHyperparamsState(state.count + 1, hyper, inner_state)
 

@@ -14,7 +14,8 @@ import torch
 
 from .. import tree as _tree
 from ..errors import OptimizerConfigError, StepError
-from ._checks import check_learning_rate, check_match, check_params, check_state, once_per_step, scalar_dtype, zero_count
+from ._checks import (check_learning_rate, check_match, check_params, check_state, once_per_step, scalar_dtype,
+                      tensor_hyperparam, zero_count)
 from .base import EmptyState, GradientTransformation, PyTree
 
 __all__ = [
@@ -49,6 +50,8 @@ class TraceState(NamedTuple):
 
 
 def _check_nonneg(name: str, value: Any, transform: str) -> None:
+    if tensor_hyperparam(value, transform, name):
+        return
     if isinstance(value, (int, float)) and value < 0:
         raise OptimizerConfigError(f"{transform}: {name} must be >= 0, got {value}")
 
@@ -97,10 +100,14 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, ScaleByLearningRateState]:
         state = check_state(state, ScaleByLearningRateState, "scale_by_learning_rate")
         if callable(learning_rate) or isinstance(learning_rate, torch.Tensor):
-            (lr,) = once_per_step(_as_scalar(_value_at(learning_rate, state.count), state.count.device))
+            rate = _as_scalar(_value_at(learning_rate, state.count), state.count.device)
+            (lr,) = once_per_step(rate)
             factor: float | torch.Tensor = lr * sign
-            # Stored in the incoming state's dtype, so the state's dtypes never drift.
-            recorded = lr.to(state.learning_rate.dtype)
+            # Stored in the incoming state's dtype, so the state's dtypes never drift. A copy
+            # of ``rate``: ``lr`` is, under vmap + compile, a strided view into
+            # once_per_step's buffer, and ``rate`` may be another state leaf itself
+            # (inject_hyperparams); a strided or shared state leaf recompiles the next call.
+            recorded = rate.to(state.learning_rate.dtype, copy=True)
         else:
             # A Python float multiplies exactly like torch.optim's ``param.add_(d_p, alpha=-lr)``.
             factor = sign * float(learning_rate)
@@ -117,7 +124,7 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
     return scale_by_learning_rate(step_size_fn, flip_sign=False)
 
 
-def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> GradientTransformation:
+def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = None) -> GradientTransformation:
     """Add ``weight_decay * param`` to each update.
 
     Placed before an adaptive transform this is L2 regularization (torch ``Adam``'s
@@ -145,14 +152,19 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> Gradient
     return GradientTransformation(init, update)
 
 
-def trace(decay: float, nesterov: bool = False, dampening: float = 0.0) -> GradientTransformation:
+def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float | torch.Tensor = 0.0) -> GradientTransformation:
     """Momentum: ``trace = decay * trace + (1 - dampening) * g``; output ``trace``, or
     ``g + decay * trace`` with ``nesterov``.
 
     Like torch's SGD, the very first update sets ``trace = g`` (dampening does not apply
     to it); with ``dampening=0`` that is what the formula gives anyway.
+
+    ``decay`` and ``dampening`` are floats or 0-d tensors (injectable); a tensor
+    ``dampening`` always takes the first-step ``where``, which gives the same numbers as
+    the float path when it is 0.
     """
     _check_nonneg("decay", decay, "trace")
+    damped = tensor_hyperparam(dampening, "trace", "dampening") or dampening != 0.0
 
     def init(params: PyTree) -> TraceState:
         check_params(params, "trace")
@@ -161,7 +173,7 @@ def trace(decay: float, nesterov: bool = False, dampening: float = 0.0) -> Gradi
     def update(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, TraceState]:
         state = check_state(state, TraceState, "trace")
         check_match(state.trace, updates, what="trace: updates vs momentum buffer (shaped like params)")
-        if dampening == 0.0:
+        if not damped:
             new_trace = _tree.map(lambda g, t: g + decay * t, updates, state.trace)
         else:
             first = state.count == 0
