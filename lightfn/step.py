@@ -5,7 +5,10 @@
 ``torch.func``, updates params and optimizer state functionally, advances the step and
 keeps everything on the device. It is one traceable function: ``lf.jit`` compiles it
 whole, and the sharding layer rebuilds it with ``.replace(grad_transform=...)`` to put
-gradient collectives between grad and update inside the same graph.
+gradient collectives between grad and update inside the same graph. Called plain eager
+(``fit(..., jit=False)``, debugging), the same numbers come from cheaper means: plain
+``torch.autograd`` for the gradients and ``_foreach`` ops in the optimizer
+(:mod:`lightfn._eager`).
 
 ``loss_fn(params, batch)`` returns a scalar loss or ``(loss, {"name": scalar, ...})``
 (a value may also be an ``lf.metrics.Sum`` state, summed over the epoch by fit: see
@@ -55,13 +58,13 @@ import torch
 from . import random as lf_random
 from . import tree
 from ._diagnostics import describe
-from ._eager import plain_eager
 from .errors import StepError, TreeError
 from .metrics import Sum, check_states
 from .optim import GradientTransformation, apply_updates
 from .optim._checks import StateMismatchError, with_types_of
 from .freezing import partition, split_leaves
 from .state import LossScale, TrainState
+from ._eager import plain_eager
 from .transforms import autograd_value_and_grad, value_and_grad
 
 __all__ = ["TrainStep", "EvalStep", "train_step", "eval_step", "PRECISIONS"]
