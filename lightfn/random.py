@@ -183,30 +183,23 @@ class rng_scope(TorchFunctionMode):
     ``uniform_`` give the same bits as eagerly and normal draws agree to float rounding,
     but dynamo does not route ``rand_like``/``randn_like`` through function modes: inside
     compiled steps write ``torch.rand(x.shape)`` or use :func:`uniform` with a key.
+
+    ``key`` may also be a function of no arguments that returns the key: it is called on the
+    scope's first random draw, and never if nothing is drawn (``lf.train_step`` passes
+    ``lambda: fold_in(state.rng, state.step)`` when it runs eagerly, so a step without
+    randomness derives no key).
     """
 
-    def __init__(self, key: torch.Tensor) -> None:
+    def __init__(self, key: torch.Tensor | Callable[[], torch.Tensor]) -> None:
         super().__init__()
-        self.key = _check_key(key)
+        self._key = key if callable(key) else _check_key(key)
         self.count = 0
-        self._handlers: dict[Callable[..., Any], Callable[..., Any]] = {
-            F.dropout: self._dropout,
-            F.dropout1d: self._feature_dropout,
-            F.dropout2d: self._feature_dropout,
-            F.dropout3d: self._feature_dropout,
-            torch.rand: self._rand,
-            torch.randn: self._randn,
-            torch.rand_like: self._rand_like,
-            torch.randn_like: self._randn_like,
-            torch.randint: self._randint,
-            torch.bernoulli: self._bernoulli,
-            torch.normal: self._normal,
-            torch.Tensor.uniform_: self._uniform_,
-            torch.Tensor.normal_: self._normal_,
-            torch.Tensor.bernoulli_: self._bernoulli_,
-            F.scaled_dot_product_attention: self._attention,
-            F.multi_head_attention_forward: self._multi_head_attention,
-        }
+
+    @property
+    def key(self) -> torch.Tensor:
+        if callable(self._key):
+            self._key = _check_key(self._key())
+        return self._key
 
     def _next(self) -> torch.Tensor:
         self.count += 1
@@ -214,9 +207,9 @@ class rng_scope(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        handler = self._handlers.get(func)
+        handler = _HANDLERS.get(func)
         if handler is not None:
-            return handler(args, kwargs)
+            return handler(self, args, kwargs)
         if func in _UNSUPPORTED:
             raise StepError(
                 f"{getattr(func, '__name__', func)} inside a lightfn step would draw from torch's global RNG, "
@@ -328,6 +321,26 @@ class rng_scope(TorchFunctionMode):
         p = _arg(args, kwargs, 1, "p", 0.5)
         return t.copy_(bernoulli(self._next(), p, t.shape, t.device).to(t.dtype))
 
+
+# Looked up per torch call inside a scope: one table for all scopes, not one per scope.
+_HANDLERS: dict[Callable[..., Any], Callable[..., Any]] = {
+    F.dropout: rng_scope._dropout,
+    F.dropout1d: rng_scope._feature_dropout,
+    F.dropout2d: rng_scope._feature_dropout,
+    F.dropout3d: rng_scope._feature_dropout,
+    torch.rand: rng_scope._rand,
+    torch.randn: rng_scope._randn,
+    torch.rand_like: rng_scope._rand_like,
+    torch.randn_like: rng_scope._randn_like,
+    torch.randint: rng_scope._randint,
+    torch.bernoulli: rng_scope._bernoulli,
+    torch.normal: rng_scope._normal,
+    torch.Tensor.uniform_: rng_scope._uniform_,
+    torch.Tensor.normal_: rng_scope._normal_,
+    torch.Tensor.bernoulli_: rng_scope._bernoulli_,
+    F.scaled_dot_product_attention: rng_scope._attention,
+    F.multi_head_attention_forward: rng_scope._multi_head_attention,
+}
 
 _UNSUPPORTED = frozenset(
     {

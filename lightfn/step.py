@@ -5,7 +5,10 @@
 ``torch.func``, updates params and optimizer state functionally, advances the step and
 keeps everything on the device. It is one traceable function: ``lf.jit`` compiles it
 whole, and the sharding layer rebuilds it with ``.replace(grad_transform=...)`` to put
-gradient collectives between grad and update inside the same graph.
+gradient collectives between grad and update inside the same graph. Called plain eager
+(``fit(..., jit=False)``, debugging), the same numbers come from cheaper means: plain
+``torch.autograd`` for the gradients and ``_foreach`` ops in the optimizer
+(:mod:`lightfn._eager`).
 
 ``loss_fn(params, batch)`` returns a scalar loss or ``(loss, {"name": scalar, ...})``
 (a value may also be an ``lf.metrics.Sum`` state, summed over the epoch by fit: see
@@ -61,7 +64,8 @@ from .optim import GradientTransformation, apply_updates
 from .optim._checks import with_types_of
 from .freezing import partition, split_leaves
 from .state import LossScale, TrainState
-from .transforms import value_and_grad
+from ._eager import plain_eager
+from .transforms import autograd_value_and_grad, value_and_grad
 
 __all__ = ["TrainStep", "EvalStep", "train_step", "eval_step", "PRECISIONS"]
 
@@ -207,10 +211,13 @@ class TrainStep:
         scaling = self.precision == "16-mixed"
         if scaling and state.loss_scale is None:
             raise StepError('precision="16-mixed" needs state.loss_scale: call step.prepare_state(state) first')
-        key = lf_random.fold_in(state.rng, state.step)
+        # Plain eager with the default gradient: plain autograd (see below), and the step's
+        # key is derived only if loss_fn draws a random number (the scope calls this thunk).
+        eager = self.grad_fn is None and plain_eager()
+        key: Any = (lambda: lf_random.fold_in(state.rng, state.step)) if eager else lf_random.fold_in(state.rng, state.step)
         scale = state.loss_scale.scale if scaling else None
 
-        def objective(params: Any, batch: Any, key: torch.Tensor) -> tuple[torch.Tensor, tuple[Any, ...]]:
+        def objective(params: Any, batch: Any, key: Any) -> tuple[torch.Tensor, tuple[Any, ...]]:
             # Autocast covers the forward only, as with torch's autocast + .backward(): opened
             # around the grad call instead, it would also cast the backward, so a region the
             # user runs with autocast disabled would get bf16 gradients. Attention dropout,
@@ -234,7 +241,13 @@ class TrainStep:
             # constants, so autograd never computes (or backpropagates towards) their grads.
             diff_in, to_params, to_part = split_leaves(state.params, self.trainable)
             loss_of = lambda p, b, k: objective(to_params(p), b, k)  # noqa: E731
-        if self.grad_fn is None:
+        # Eagerly, torch.func.grad_and_value costs as much again as the backward; plain
+        # autograd computes the same grads. Traced, vmapped or captured steps keep torch.func.
+        fast = autograd_value_and_grad(loss_of, has_aux=True)(diff_in, batch, key) if eager else None
+        if fast is not None:
+            (_, (loss, metrics, new_buffers)), grads = fast
+        elif self.grad_fn is None:
+            key = key() if callable(key) else key
             (_, (loss, metrics, new_buffers)), grads = value_and_grad(loss_of, has_aux=True)(diff_in, batch, key)
         else:
             (loss, metrics, new_buffers), grads = self.grad_fn(loss_of, diff_in, batch, key)

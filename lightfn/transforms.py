@@ -99,6 +99,40 @@ def value_and_grad(fn: Callable[..., Any], argnums: int | Sequence[int] = 0, has
     return wrapper
 
 
+def autograd_value_and_grad(fn: Callable[..., Any], has_aux: bool = False) -> Callable[..., Any]:
+    """:func:`value_and_grad` of argument 0 by plain ``torch.autograd.grad``.
+
+    For callers that run plain eager (:func:`lightfn._eager.plain_eager`): there
+    ``torch.func.grad_and_value`` costs about as much again as the backward itself (it wraps
+    every tensor in a grad level), while autograd on detached leaves that require grad runs
+    the same backward formulas. Results equal :func:`value_and_grad`'s: grads of leaves the
+    value does not depend on are zeros, and the value and aux come back detached. The function it
+    returns gives ``None``, without calling ``fn``, when a leaf already requires grad: there
+    ``torch.func`` would also connect the result to the caller's autograd graph, so the
+    caller falls back to :func:`value_and_grad`.
+    """
+
+    def run(diff: Any, *args: Any) -> Any:
+        leaves, treedef = tree.flatten(diff)
+        if not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in leaves):
+            _check_differentiable((diff,), (0,))  # names the leaf
+            return None  # complex leaves: torch.func's path
+        if any(x.requires_grad for x in leaves):
+            return None
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_() for x in leaves]
+            out = _check_output(fn(tree.unflatten(treedef, inputs), *args), has_aux)
+            value = out[0] if has_aux else out
+            if value.requires_grad:
+                grads = torch.autograd.grad(value, inputs, allow_unused=True, materialize_grads=True)
+            else:  # the value does not depend on the leaves at all
+                grads = tuple(torch.zeros_like(x) for x in leaves)
+        detached = tree.map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, out)
+        return detached, tree.unflatten(treedef, grads)
+
+    return run
+
+
 def grad(fn: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable[..., Any]:
     """``fn`` -> a function returning the gradient of its scalar output.
 

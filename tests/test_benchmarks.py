@@ -48,7 +48,7 @@ def test_step_vs_eager(tmp_path):
     for r in variants.values():
         _positive(r, "us_per_step", "cpu_us_per_step", "samples_per_s", "x_floor", "lightfn_jit_speedup")
         assert len(r["windows_us"]) == result["settings"]["repeats"]
-    _positive(result, "speedup_vs_torch_adam", "flop_floor_us", "sgemm_flops_per_s")
+    _positive(result, "speedup_vs_torch_adam", "flop_floor_us", "sgemm_flops_per_s", "eager_vs_torch_adam", "eager_cpu_vs_torch_adam")
     assert variants["lightfn_jit"]["lightfn_jit_speedup"] == 1.0
 
 
@@ -100,3 +100,26 @@ def test_scaling(tmp_path):
         # the donated step's peak holds at least its state; nothing is negative
         assert r["lightfn_extra_mb"] >= 0 and r["torch_extra_mb"] >= 0
         assert r["lightfn_peak_mb"] >= 3 * r["grads_mb"] * 0.99  # params + two Adam moments
+
+
+def test_startup(tmp_path):
+    # --quick: fresh processes for the rows that compile nothing, 5 steps of the main job.
+    result = _run("startup.py", tmp_path / "st.json", "--rows", "import_torch,torch_loop,lightfn_eager,lightning,jax")
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == ["import_torch", "torch_loop", "lightfn_eager", "lightning", "jax"]
+    _positive(rows["import_torch"], "import_torch_s", "end_s", "exit_s")
+    for name in ("torch_loop", "lightfn_eager"):
+        r = rows[name]
+        _positive(r, "import_torch_s", "first_step_s", "end_s", "exit_s", "end_vs_torch_loop")
+        assert r["status"] == "ok" and r["steps"] == 5
+        assert r["import_torch_s"] < r["first_step_s"] <= r["end_s"] <= r["exit_s"]
+        assert r["first_step_after_import_torch_s"] == r["first_step_s"] - rows["import_torch"]["import_torch_s"]
+    assert rows["torch_loop"]["end_vs_torch_loop"] == 1.0
+    installed = {"lightning": any(importlib.util.find_spec(m) for m in ("lightning", "pytorch_lightning")),
+                 "jax": all(importlib.util.find_spec(m) for m in ("jax", "optax"))}
+    for system, present in installed.items():
+        if present:
+            _positive(rows[system], "first_step_s", "end_s")
+        else:
+            assert "not installed" in rows[system]["status"] and system in result["skipped"]
+    assert result["settings"]["epochs"] == 1 and result["settings"]["limit_train_batches"] == 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightfn as lf
 from lightfn import optim
@@ -233,3 +234,33 @@ def test_multi_steps_equals_one_step_on_the_mean_gradient(k):
 def test_multi_steps_rejects_bad_every_k():
     with pytest.raises(optim.OptimizerConfigError, match="every_k"):
         optim.multi_steps(optim.sgd(0.1), 0)
+
+
+class _Functional(TorchDispatchMode):
+    """Runs every op unchanged; while active, updates go leaf by leaf (the traced form)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "make", [lambda: optim.adam(1e-2), lambda: optim.adamw(optim.cosine_decay(1e-2, 5), amsgrad=True, eps_root=1e-10),
+             lambda: optim.sgd(torch.tensor(0.1), momentum=0.9)],
+)
+def test_eager_foreach_updates_equal_leaf_by_leaf_bitwise(make, dtype):
+    # Plain eager, Adam, the learning rate and apply_updates run as _foreach ops; traced,
+    # they go leaf by leaf. The same kernels run per tensor: not one bit may differ.
+    opt = make()
+    params = lf.tree.cast(make_params(torch.float32), dtype)
+    fast_p, fast_s = params, opt.init(params)
+    slow_p, slow_s = params, opt.init(params)
+    for grads in make_grads(4, torch.float32):
+        grads = lf.tree.cast(grads, dtype)
+        u, fast_s = opt.update(grads, fast_s, fast_p)
+        fast_p = optim.apply_updates(fast_p, u)
+        with _Functional():
+            u, slow_s = opt.update(grads, slow_s, slow_p)
+            slow_p = optim.apply_updates(slow_p, u)
+    for a, b in zip(lf.tree.leaves((fast_p, fast_s)), lf.tree.leaves((slow_p, slow_s))):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightfn as lf
 
@@ -122,6 +123,77 @@ def test_with_state_batchnorm_buffers_flow_through_the_state():
     assert state.buffers["1.num_batches_tracked"].item() == 1
     net(x)
     torch.testing.assert_close(state.buffers["1.running_mean"], net[1].running_mean)
+
+
+class _Functional(TorchDispatchMode):
+    """Runs every op unchanged; while it is active a step is not plain eager, so lightfn takes
+    the functional path a compiled step traces (torch.func, the optimizer leaf by leaf)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _eager_parity_case(kind):
+    torch.manual_seed(0)
+    if kind == "with_state":
+        net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 6)).double()
+        apply, params, buffers = lf.functionalize(net, with_state=True)
+
+        def loss_fn(p, b, batch):
+            y, nb = apply(p, b, batch)
+            return nn.functional.mse_loss(y, batch), {"mean": y.mean()}, nb
+
+        return loss_fn, params, buffers, {"with_state": True}, lf.optim.adamw(1e-2)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 6)).double()
+    apply, params = lf.functionalize(net)
+
+    def loss_fn(p, batch):
+        y = apply(p, batch)
+        return nn.functional.mse_loss(y, batch), {"mae": (y - batch).abs().mean()}
+
+    options = {
+        "dropout": ({}, lf.optim.adam(1e-2)),
+        "amsgrad": ({}, lf.optim.adam(1e-2, amsgrad=True, eps_root=1e-12, weight_decay=1e-3)),
+        "trainable": ({"trainable": {"0.weight": False, "0.bias": False, "3.weight": True, "3.bias": True}},
+                      lf.optim.chain(lf.optim.clip_by_global_norm(0.5), lf.optim.sgd(lf.optim.cosine_decay(0.1, 10), momentum=0.9))),
+    }
+    kwargs, opt = options[kind]
+    return loss_fn, params, {}, kwargs, opt
+
+
+@pytest.mark.parametrize("kind", ["dropout", "amsgrad", "trainable", "with_state"])
+def test_eager_step_equals_the_functional_path_the_compiler_traces(kind):
+    # Plain eager, the step takes gradients with torch.autograd and updates with _foreach
+    # ops; the compiled step traces torch.func and the leaf-by-leaf optimizer. Same numbers.
+    loss_fn, params, buffers, kwargs, opt = _eager_parity_case(kind)
+    step = lf.train_step(loss_fn, opt, **kwargs)
+    trainable = kwargs.get("trainable")
+    fast = slow = lf.TrainState.create(params=params, optimizer=opt, buffers=buffers, seed=3, trainable=trainable)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+        fast, m_fast = step(fast, x)
+        with _Functional():
+            slow, m_slow = step(slow, x)
+        for k in m_fast:
+            torch.testing.assert_close(m_fast[k], m_slow[k], rtol=0, atol=1e-12)
+    for (path, a), b in zip(lf.tree.leaves_with_path(fast), lf.tree.leaves(slow)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=lambda m: f"{lf.tree.keystr(path)}: {m}")
+    assert lf.tree.structure(fast) == lf.tree.structure(slow)
+    assert int(fast.step) == 5 and all(not x.requires_grad for x in lf.tree.leaves(fast))
+
+
+def test_eager_step_with_params_that_require_grad_keeps_torch_func_semantics():
+    # torch.func connects grads of leaves that already require grad to the caller's graph;
+    # the eager shortcut would not, so such a state takes the torch.func path.
+    loss_fn, params, batch = linear_problem(torch.float64)
+    opt = lf.optim.sgd(0.1)
+    state = lf.TrainState.create(params={k: v.requires_grad_() for k, v in params.items()}, optimizer=opt)
+    new, _ = lf.train_step(loss_fn, opt)(state, batch)
+    assert new.params["w"].requires_grad
+    with _Functional():
+        ref, _ = lf.train_step(loss_fn, opt)(state, batch)
+    torch.testing.assert_close(new.params["w"], ref.params["w"], rtol=0, atol=0)
 
 
 def test_grad_transform_runs_between_grad_and_update():

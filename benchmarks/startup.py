@@ -1,0 +1,161 @@
+"""Results in seconds: time from process start to the first train step and to the end of the main job.
+
+    python benchmarks/startup.py            # all rows, 20 epochs: table + results/startup.json
+    python benchmarks/startup.py --quick    # smoke test: eager rows only, 5 steps
+
+Every figure comes from a fresh process (``benchmarks/_startup_probe.py``), timed from just
+before the parent starts it: the interpreter's start and every import count, as a user
+running the job sees them. The job is the main job's (``bash scripts/run.sh`` runs
+``examples/autoencoder.py``: the seed autoencoder, Adam, batch 64, 20 epochs with
+validation after each; lightfn also writes its TensorBoard/CSV logs and checkpoints).
+Rows:
+
+- ``import_torch``: a process that only runs ``import torch``; its time is subtracted from
+  the others' first step ("first step - import torch");
+- ``lightfn_jit_cold`` / ``lightfn_jit_warm``: ``fit(..., jit=True)`` with empty
+  ``TORCHINDUCTOR_CACHE_DIR`` and ``LIGHTFN_CACHE_DIR`` in a new temporary folder, then a
+  second process with the same, now filled, folders. (Inductor's precompiled header lives
+  in the system temp folder, outside both: cold here means a new cache folder on a machine
+  that has compiled before.)
+- ``lightfn_eager``: ``fit(..., jit=False)``;
+- ``torch_loop``: a plain ``torch.optim.Adam`` loop over the same data;
+- ``lightning``, ``jax``: the same job in Lightning and in JAX + optax (``jax.jit`` step),
+  when importable; else the row says "not installed" (nothing is installed for it).
+
+``--quick`` runs 1 epoch of 5 train and 2 validation batches, and by default only the rows
+that compile nothing (import_torch, torch_loop, lightfn_eager).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+PROBE = C.HERE / "_startup_probe.py"
+ROWS = ("import_torch", "torch_loop", "lightfn_eager", "lightfn_jit_cold", "lightfn_jit_warm", "lightning", "jax")
+QUICK_ROWS = ("import_torch", "torch_loop", "lightfn_eager")
+_SYSTEM = {"lightfn_jit_cold": "lightfn", "lightfn_jit_warm": "lightfn"}
+_NEEDS = {"lightning": (("lightning", "pytorch_lightning"),), "jax": (("jax",), ("optax",))}
+
+
+def missing(row: str) -> str | None:
+    """Why ``row`` cannot run here (its packages are not importable), or None."""
+    for alternatives in _NEEDS.get(row, ()):
+        if not any(importlib.util.find_spec(m) is not None for m in alternatives):
+            return f"not installed ({' / '.join(alternatives)})"
+    return None
+
+
+def run_row(row: str, args: argparse.Namespace, work: pathlib.Path, env: dict[str, str]) -> dict[str, Any]:
+    """One fresh process for ``row``: its marks (seconds since start) plus ``exit_s``."""
+    out = work / row
+    argv = [sys.executable, str(PROBE), _SYSTEM.get(row, row), "--data-dir", str(args.data_dir), "--out", str(out),
+            "--epochs", str(args.epochs), "--threads", str(args.threads)]
+    for flag, value in (("--limit-train-batches", args.limit_train_batches), ("--limit-val-batches", args.limit_val_batches)):
+        if value is not None:
+            argv += [flag, str(value)]
+    t0 = time.time()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout,
+                          env={**os.environ, **env, "LIGHTFN_BENCH_T0": repr(t0)}, cwd=C.HERE.parent)
+    exit_s = time.time() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+        raise RuntimeError(f"{row} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    return {**json.loads(lines[-1]), "exit_s": exit_s}
+
+
+def measure(rows: list[str], args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    results, skipped = [], {}
+    with tempfile.TemporaryDirectory(prefix="lightfn-startup-") as tmp:
+        work = pathlib.Path(tmp)
+        # cold and warm share one cache folder, empty before the cold run
+        caches = {"TORCHINDUCTOR_CACHE_DIR": str(work / "cache" / "inductor"), "LIGHTFN_CACHE_DIR": str(work / "cache" / "lightfn")}
+        for row in rows:
+            why = missing(row)
+            if why is not None:
+                skipped[row] = why
+                results.append({"row": row, "status": why})
+                print(f"{row}: {why}", flush=True)
+                continue
+            env = caches if row in _SYSTEM else {}
+            r = {"row": row, "status": "ok", **run_row(row, args, work, env)}
+            results.append(r)
+            print(f"{row}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith("_s")), flush=True)
+    return results, skipped
+
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    """Derived columns: first step after ``import torch`` (the import_torch row's time), and
+    each row's job end relative to the torch loop's and Lightning's."""
+    by = {r["row"]: r for r in results if r["status"] == "ok"}
+    base = by.get("import_torch", {}).get("import_torch_s")
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        if "first_step_s" in r:
+            # the same difference within the row's own process: less exposed to one slow import
+            r["first_step_after_own_import_s"] = r["first_step_s"] - r["import_torch_s"]
+            if base is not None:
+                r["first_step_after_import_torch_s"] = r["first_step_s"] - base
+        for ref in ("torch_loop", "lightning"):
+            if ref in by and "end_s" in by[ref] and "first_step_s" in r:
+                r[f"end_vs_{ref}"] = r["end_s"] / by[ref]["end_s"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", type=pathlib.Path, default=C.DEFAULT_DATA_DIR,
+                   help="folder with MNIST IDX files (default ../shared/data/MNIST/raw)")
+    p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROWS)} (default: all; --quick: "
+                   f"{','.join(QUICK_ROWS)})")
+    p.add_argument("--epochs", type=int, default=20, help="epochs of the main job (default 20)")
+    p.add_argument("--limit-train-batches", type=int, default=None, help="train batches per epoch (default: all)")
+    p.add_argument("--limit-val-batches", type=int, default=None, help="validation batches per epoch (default: all)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads in each job (default 1, as the main job)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds before a process is given up (default 1800)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 epoch of 5 steps, eager rows only")
+    p.add_argument("--out", type=pathlib.Path, default=None, help="JSON output path (default benchmarks/results/startup.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.epochs, args.limit_train_batches, args.limit_val_batches = 1, 5, 2
+    rows = args.rows.split(",") if args.rows else list(QUICK_ROWS if args.quick else ROWS)
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    if "lightfn_jit_warm" in rows and "lightfn_jit_cold" not in rows:
+        p.error("lightfn_jit_warm reuses the cache lightfn_jit_cold fills: ask for both")
+
+    results, skipped = measure(rows, args)
+    add_ratios(results)
+    table = C.format_table(results, [
+        ("row", "row", ""), ("import_torch_s", "import torch (s)", "{:.2f}"), ("first_step_s", "first step (s)", "{:.2f}"),
+        ("first_step_after_import_torch_s", "first step - import torch (s)", "{:.2f}"),
+        ("first_step_after_own_import_s", "(same, own import)", "{:.2f}"),
+        ("end_s", "job end (s)", "{:.1f}"), ("end_vs_torch_loop", "end / torch loop", "{:.2f}x"),
+        ("end_vs_lightning", "end / Lightning", "{:.2f}x"), ("status", "status", ""),
+    ])
+    steps = next((r["steps"] for r in results if r.get("steps")), None)
+    print(f"\nmain job (seed autoencoder, {args.epochs} epoch(s), {steps} steps), {args.threads} thread(s), fresh processes")
+    print(table)
+    payload = {"benchmark": "startup", "machine": C.machine_info(),
+               "settings": {"epochs": args.epochs, "limit_train_batches": args.limit_train_batches,
+                            "limit_val_batches": args.limit_val_batches, "threads": args.threads, "rows": rows},
+               "rows": results, "skipped": skipped, "table": table}
+    print(f"wrote {C.write_json('startup', payload, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
