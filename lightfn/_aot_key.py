@@ -73,7 +73,12 @@ def _is_library(module_name: str | None) -> bool:
     file = getattr(mod, "__file__", None) if mod is not None else None
     if not file:
         return False
-    resolved = str(Path(file).resolve())
+    return _is_library_file(file)
+
+
+@functools.cache
+def _is_library_file(filename: str) -> bool:
+    resolved = str(Path(filename).resolve())
     return any(resolved.startswith(p + "/") for p in _library_paths())
 
 
@@ -187,8 +192,10 @@ class _Hasher:
             self.feed(c, depth)
 
     def _feed_function(self, fn: types.FunctionType, depth: int) -> None:
-        module = fn.__module__
-        library = _is_library(module)
+        module = fn.__module__ or ""
+        # Judged by where the code lives, not by sys.modules: under `python -m cProfile` or
+        # runpy, a script's functions say __main__ while sys.modules["__main__"] is the runner.
+        library = module.split(".")[0] in _LIBRARY_ROOTS or _is_library_file(fn.__code__.co_filename)
         self.tag("function", fn.__qualname__, module if library else "", _library_version(module) if library else "")
         self._feed_code(fn.__code__, depth)
         self.feed(fn.__defaults__, depth)
