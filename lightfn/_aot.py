@@ -34,6 +34,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -109,7 +110,7 @@ class Inputs:
 
     def signature(self) -> tuple[Any, ...]:
         """A cheap hashable stand-in for the key's input part, for a per-process lookup."""
-        parts: list[Any] = [torch.is_grad_enabled(), *self.arg_defs]
+        parts: list[Any] = [torch.is_grad_enabled(), torch.is_autocast_enabled(), *self.arg_defs]
         dyn = iter(self.dynamic)
         for x, is_t in zip(self.leaves, self.is_tensor):
             if is_t:
@@ -166,6 +167,9 @@ def _key(fn: Callable[..., Any], inputs: Inputs, options: dict[str, Any]) -> str
         "torch": torch.__version__, "python": sys.version, "lightfn": lightfn_source_hash(), "machine": platform.machine(),
         "cpu": torch.backends.cpu.get_cpu_capability(), "grad": torch.is_grad_enabled(),
         "default_dtype": str(torch.get_default_dtype()), "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "autocast": torch.is_autocast_enabled(),
+        # Ranks never share an artifact (a sharded step's shapes or constants may differ per rank).
+        "rank": os.environ.get("RANK", ""), "world": os.environ.get("WORLD_SIZE", ""),
     }
     blob = json.dumps([_FORMAT, code, described, opts, env], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
@@ -261,6 +265,11 @@ def _capture(fn: Callable[..., Any], inputs: Inputs) -> tuple[Any, Any, bool]:
     count("traces")
     with fake_mode:
         gm = make_fx(flat_fn, tracing_mode="real")(*fakes)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "c10d" in str(node.target):
+            # A collective's process group is a name baked into the graph; a cached graph
+            # must not carry it into another process.
+            raise Unsupported(f"the step calls a collective ({node.target})")
     guarded = any(g.expr.free_symbols for g in shape_env.guards)
     return gm, spec[0], guarded
 
@@ -320,7 +329,10 @@ def _load(folder: Path, key: str, manifest: dict[str, Any]) -> Any:
         model = _open_package(path)
     except Exception as e:  # noqa: BLE001 - any load failure means a bad artifact
         raise ValueError(f"AOTInductor cannot load {path.name}: {first_line(e)}") from e
-    os.utime(folder / f"{key}.json")  # recently used: evicted last
+    try:
+        os.utime(folder / f"{key}.json")  # recently used: evicted last
+    except OSError:
+        pass  # a read-only cache still loads
     return model
 
 
@@ -344,6 +356,13 @@ def _write_package(folder: Path, key: str, ep: Any, options: dict[str, Any]) -> 
 def _evict(folder: Path, keep: str) -> None:
     """Remove least recently used artifacts until the folder is within its limit."""
     limit = _limit_bytes()
+    now = time.time()
+    for tmp in folder.glob(".*.pt2"):  # a build killed midway leaves its temporary behind
+        try:
+            if now - tmp.stat().st_mtime > 86400:
+                tmp.unlink()
+        except OSError:
+            pass
     entries = []
     total = 0
     for m in folder.glob("*.json"):
