@@ -14,12 +14,8 @@ masked), dtypes and devices, non-tensor inputs (closed over as constants), grad 
 default dtype, the inductor options, and the torch, Python and lightfn versions (lightfn's
 as a hash of its source). A changed loss is a new key, never a stale graph.
 
-Files: ``<key>.json`` (a manifest naming the package and its sha256) and
-``<key>-<sha>.pt2``. Both are written to a temporary file and moved into place, package
-first, so concurrent processes see a whole artifact or none. A package whose size or
-sha256 does not match its manifest is never loaded: it is rebuilt with a one-line warning.
-The folder is bounded (``LIGHTFN_AOT_CACHE_MB``, default 2048): after a build, the least
-recently used artifacts go first.
+Files, atomic writes, integrity checks and the size bound: :mod:`lightfn._aot_store`. A
+corrupted artifact is rebuilt with a one-line warning, never loaded.
 
 What cannot be captured (collectives, data-dependent control flow, a value the key cannot
 fingerprint) raises :class:`Unsupported`; :mod:`lightfn.transforms` then compiles with
@@ -33,8 +29,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
-import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -45,6 +39,7 @@ import torch
 
 from . import tree
 from ._aot_key import Unfingerprintable, fingerprint, lightfn_source_hash
+from ._aot_store import evict, load, open_package, read_manifest, write_package
 from ._cache import cache_dir, write_text_atomic
 from ._diagnostics import first_line
 from .errors import LightfnError
@@ -78,13 +73,6 @@ def count(what: str) -> None:
 def enabled_by_env() -> bool:
     """True when ``LIGHTFN_AOT=1`` is set: ``lf.jit`` then uses the cache by default."""
     return os.environ.get("LIGHTFN_AOT", "").strip().lower() in ("1", "true", "yes")
-
-
-def _limit_bytes() -> int:
-    try:
-        return int(float(os.environ.get("LIGHTFN_AOT_CACHE_MB", "2048")) * 2**20)
-    except ValueError:
-        return 2048 * 2**20
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -288,103 +276,6 @@ def _export(gm: Any, inputs: Inputs) -> Any:
     return torch.export.export(gm, tuple(inputs.tensors), dynamic_shapes=tuple(shapes), strict=False)
 
 
-# ---------------------------------------------------------------------------- storage
-
-
-def _open_package(path: Path) -> Any:
-    # The C++ loader directly: torch._inductor.aoti_load_package would import inductor's
-    # Python side (seconds) only to wrap the loader with pytree specs this module keeps itself.
-    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _read_manifest(folder: Path, key: str) -> dict[str, Any] | None:
-    """The manifest for ``key``, None if absent; raises ValueError when it is corrupted."""
-    try:
-        text = (folder / f"{key}.json").read_text()
-    except FileNotFoundError:
-        return None
-    manifest = json.loads(text)  # ValueError on a torn or edited file
-    if not isinstance(manifest, dict) or manifest.get("key") != key:
-        raise ValueError("manifest does not match its key")
-    return manifest
-
-
-def _load(folder: Path, key: str, manifest: dict[str, Any]) -> Any:
-    """The loaded package; ValueError when it does not match its manifest."""
-    path = folder / str(manifest["package"])
-    if path.parent != folder:
-        raise ValueError("manifest names a file outside the cache")
-    size = path.stat().st_size  # FileNotFoundError: evicted meanwhile, a plain miss
-    if size != manifest.get("size") or _sha256(path) != manifest.get("sha256"):
-        raise ValueError(f"{path.name} has {size} bytes and another sha256 than recorded")
-    try:
-        model = _open_package(path)
-    except Exception as e:  # noqa: BLE001 - any load failure means a bad artifact
-        raise ValueError(f"AOTInductor cannot load {path.name}: {first_line(e)}") from e
-    try:
-        os.utime(folder / f"{key}.json")  # recently used: evicted last
-    except OSError:
-        pass  # a read-only cache still loads
-    return model
-
-
-def _write_package(folder: Path, key: str, ep: Any, options: dict[str, Any]) -> tuple[Path, int, str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".pt2")
-    os.close(fd)
-    try:
-        opts = {k: v for k, v in options.items() if k != "guard_filter_fn"}
-        torch._inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs=opts)
-        sha = _sha256(Path(tmp))
-        final = folder / f"{key}-{sha[:16]}.pt2"
-        size = os.path.getsize(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return final, size, sha
-
-
-def _evict(folder: Path, keep: str) -> None:
-    """Remove least recently used artifacts until the folder is within its limit."""
-    limit = _limit_bytes()
-    now = time.time()
-    for tmp in folder.glob(".*.pt2"):  # a build killed midway leaves its temporary behind
-        try:
-            if now - tmp.stat().st_mtime > 86400:
-                tmp.unlink()
-        except OSError:
-            pass
-    entries = []
-    total = 0
-    for m in folder.glob("*.json"):
-        key = m.stem
-        try:
-            stamp = m.stat().st_mtime
-            files = [m, *folder.glob(f"{key}-*.pt2")]
-            size = sum(f.stat().st_size for f in files)
-        except OSError:
-            continue
-        total += size
-        entries.append((stamp, key, files, size))
-    for stamp, key, files, size in sorted(entries):
-        if total <= limit:
-            break
-        if key == keep:
-            continue
-        for f in files:  # the manifest first: a reader then sees a miss, not a missing package
-            f.unlink(missing_ok=True)
-        total -= size
-
-
 # ------------------------------------------------------------------------------ entry
 
 
@@ -417,7 +308,7 @@ def compile_cached(
     static = not any(inputs.dynamic)
     if manifest is not None:
         try:
-            model = _load(folder, key, manifest)
+            model = load(folder, key, manifest)
         except FileNotFoundError:
             pass
         except (ValueError, KeyError, OSError) as e:
@@ -433,7 +324,7 @@ def compile_cached(
             write_text_atomic(folder / f"{key}.json", json.dumps({"key": key, "static": True}))
             return compile_cached(fn, args, kwargs, dynamic_argnums=dynamic_argnums, options=options, folder=folder)
         ep = _export(gm, inputs)
-        path, size, sha = _write_package(folder, key, ep, options)
+        path, size, sha = write_package(folder, key, ep, options)
     except (LightfnError, Unsupported):
         raise
     except Exception as e:  # noqa: BLE001 - whatever capture, export or AOTInductor refuse
@@ -442,14 +333,14 @@ def compile_cached(
                 "torch": torch.__version__}
     write_text_atomic(folder / f"{key}.json", json.dumps(manifest))
     count("builds")
-    _evict(folder, keep=key)
-    model = _open_package(path)
+    evict(folder, keep=key)
+    model = open_package(path)
     return CachedStep(model, out_spec, path=path, dynamic_argnums=dynamic_argnums, static=static)
 
 
 def _existing(folder: Path, key: str) -> dict[str, Any] | None:
     try:
-        return _read_manifest(folder, key)
+        return read_manifest(folder, key)
     except (ValueError, OSError) as e:
         warnings.warn(f"lightfn AOT cache: manifest {key}.json is corrupted ({e}); rebuilding it", stacklevel=3)
         count("rebuilds")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import lightfn as lf
-from lightfn import _aot
+from lightfn import _aot, _aot_store
 
 pytestmark = pytest.mark.compile
 
@@ -83,6 +83,7 @@ def test_first_call_builds_one_artifact(aot_cache):
     assert files == [".json", ".pt2"]
 
 
+@pytest.mark.slow
 def test_second_process_loads_without_tracing(aot_cache):
     code = (
         "import importlib.util, sys\n"
@@ -241,5 +242,5 @@ def test_cache_folder_is_bounded(tmp_path, monkeypatch):
         (folder / f"{key}.json").write_text("{}")
         os.utime(folder / f"{key}.json", (1000 + i, 1000 + i))
     monkeypatch.setenv("LIGHTFN_AOT_CACHE_MB", "2.5")
-    _aot._evict(folder, keep="a" * 40)
+    _aot_store.evict(folder, keep="a" * 40)
     assert sorted(p.name[:1] for p in folder.glob("*.json")) == ["a", "c"]  # b: least recently used
