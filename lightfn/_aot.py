@@ -24,6 +24,7 @@ fingerprint) raises :class:`Unsupported`; :mod:`lightfn.transforms` then compile
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -246,8 +247,12 @@ def _capture(fn: Callable[..., Any], inputs: Inputs) -> tuple[Any, Any, bool]:
 
     def flat_fn(*tensors: torch.Tensor) -> list[torch.Tensor]:
         args, kwargs = inputs.rebuild(tensors)
+        # Only the function runs "compiling": lightfn.tree then flattens with torch's pytree
+        # (another leaf order), which must not reach the input/output specs kept here.
+        with _compiling():
+            result = fn(*args, **kwargs)
         outs: list[torch.Tensor] = []
-        spec.append(_encode(fn(*args, **kwargs), inputs.arg_defs, outs))
+        spec.append(_encode(result, inputs.arg_defs, outs))
         return outs
 
     count("traces")
@@ -260,6 +265,19 @@ def _capture(fn: Callable[..., Any], inputs: Inputs) -> tuple[Any, Any, bool]:
             raise Unsupported(f"the step calls a collective ({node.target})")
     guarded = any(g.expr.free_symbols for g in shape_env.guards)
     return gm, spec[0], guarded
+
+
+def _compiling() -> Any:
+    """``torch.compiler.is_compiling()`` is True inside: code that takes a traced path under
+    torch.compile (lightfn's optimizers realize their 0-d bias corrections once per step
+    instead of a float64 pow per vector of every kernel) must take it here too, or the
+    cached step is slower than ``lf.jit``'s. The context torch's own make_fx-based export
+    uses; absent from a torch version, capture still works, only without that path."""
+    try:
+        from torch._export.utils import _compiling_state_context
+    except ImportError:  # pragma: no cover - torch versions without it
+        return contextlib.nullcontext()
+    return _compiling_state_context()
 
 
 def _export(gm: Any, inputs: Inputs) -> Any:
