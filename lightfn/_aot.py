@@ -104,7 +104,7 @@ class Inputs:
         for x, is_t in zip(self.leaves, self.is_tensor):
             if is_t:
                 d = next(dyn)
-                parts.append((d, x.shape[1:] if d else x.shape, x.dtype, x.device, x.is_contiguous()))
+                parts.append((d, x.shape[1:] if d else x.shape, x.dtype, x.device, x.is_contiguous(), x.requires_grad))
             else:
                 try:
                     hash(x)
@@ -120,6 +120,9 @@ class Inputs:
             if is_t:
                 if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
                     raise Unsupported(f"an input is a {type(x).__name__}, not a plain tensor")
+                if x.requires_grad and torch.is_grad_enabled():
+                    # The artifact is a forward graph: autograd through it would silently stop.
+                    raise Unsupported("an input requires grad (the cached graph has no backward)")
                 shape = list(x.shape)
                 if next(dyn):
                     shape[0] = "dyn"

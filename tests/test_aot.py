@@ -225,6 +225,11 @@ def test_data_dependent_step_falls_back_with_the_reason(monkeypatch, tmp_path):
     assert _aot.stats()["fallbacks"] == 1
 
 
+def test_inputs_that_require_grad_are_not_cached():
+    with pytest.raises(_aot.Unsupported, match="requires grad"):
+        _aot.artifact_key(lambda x: x * 2, (torch.ones(3, requires_grad=True),))
+
+
 def test_cache_is_off_by_default(monkeypatch):
     monkeypatch.delenv("LIGHTFN_AOT", raising=False)
     assert not lf.jit(lambda x: x).cache
