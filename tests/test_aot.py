@@ -249,3 +249,22 @@ def test_cache_folder_is_bounded(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTFN_AOT_CACHE_MB", "2.5")
     _aot_store.evict(folder, keep="a" * 40)
     assert sorted(p.name[:1] for p in folder.glob("*.json")) == ["a", "c"]  # b: least recently used
+
+
+def test_fit_with_the_cache_trains_bitwise_like_fit_without(monkeypatch, tmp_path):
+    monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path))
+    step, state, batches = make_problem()
+    data = lf.data.ArrayLoader((torch.cat(batches),), batch_size=8, shuffle=False)
+    results = {}
+    for aot in ("0", "1"):
+        monkeypatch.setenv("LIGHTFN_AOT", aot)
+        _aot.reset_stats()
+        loss_fn = step.loss_fn
+        fresh = lf.tree.map(torch.clone, state)
+        results[aot] = lf.fit(lf.train_step(lambda p, b: loss_fn(p, b[0]), step.optimizer), fresh, data,
+                              max_epochs=2, progress=False)
+        counts = _aot.stats()
+    assert counts["builds"] == 1 and counts["fallbacks"] == 0  # fit's train-and-accumulate graph
+    assert int(results["1"].step) == 6
+    for a, b in zip(lf.tree.leaves(results["0"]), lf.tree.leaves(results["1"])):
+        assert torch.equal(a, b)
