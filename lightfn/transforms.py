@@ -221,7 +221,7 @@ class Jitted:
             inputs = _aot.Inputs(args, kwargs, nums, static=False)
             sig = inputs.signature()
             step = self._cached.get(sig)
-            if step is not None and step.static:  # its graph holds for one batch size only
+            if step is not None and step.static and any(inputs.dynamic):  # built for one batch size only
                 inputs = _aot.Inputs(args, kwargs, nums, static=True)
                 sig = ("exact", inputs.signature())
                 step = self._cached.get(sig)
@@ -229,7 +229,7 @@ class Jitted:
                 options = dict(self._compile_kwargs.get("options", {}))
                 step = _aot.compile_cached(self._target, args, kwargs, dynamic_argnums=nums, options=options)
                 self._cached[sig] = step
-                if step.static:
+                if step.static and any(inputs.dynamic):
                     self._cached[("exact", _aot.Inputs(args, kwargs, nums, static=True).signature())] = step
                 if not self._isa_recorded:
                     self._isa_recorded = True

@@ -268,3 +268,19 @@ def test_fit_with_the_cache_trains_bitwise_like_fit_without(monkeypatch, tmp_pat
     assert int(results["1"].step) == 6
     for a, b in zip(lf.tree.leaves(results["0"]), lf.tree.leaves(results["1"])):
         assert torch.equal(a, b)
+
+
+def test_a_branch_on_the_batch_size_builds_per_size(monkeypatch, tmp_path):
+    # make_fx keeps one branch: the graph must not be reused for a size taking the other.
+    monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path))
+    _aot.reset_stats()
+
+    def f(x):
+        return x * 2 if x.shape[0] > 4 else x - 1
+
+    jitted = lf.jit(f, cache=True)
+    x = torch.arange(16.0).reshape(8, 2)
+    assert torch.equal(jitted(x), x * 2)
+    assert torch.equal(jitted(x[:3]), x[:3] - 1)
+    assert torch.equal(jitted(x[:6]), x[:6] * 2)
+    assert _aot.stats()["builds"] == 3 and _aot.stats()["fallbacks"] == 0
