@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.func
 
-from . import tree
+from . import _aot, tree
 from ._diagnostics import first_line, fn_name, user_frame
 from ._isa import isa_options, remember_isa_probe
 from ._quiet import compile_messages_quieted
@@ -178,6 +179,9 @@ class Jitted:
 
     ``fn`` is the original function, ``donate`` whether argument 0 is donated,
     ``compiled`` whether calls go through ``torch.compile`` (False when disabled).
+    ``cache`` whether compiled steps come from the ahead-of-time artifact cache
+    (:mod:`lightfn._aot`); it is switched off, with one line saying why, for a function the
+    cache cannot capture, which then compiles with ``torch.compile``.
     """
 
     def __init__(
@@ -189,22 +193,42 @@ class Jitted:
         batch_argnums: tuple[int, ...] | None,
         compiled: bool,
         compile_kwargs: dict[str, Any],
+        cache: bool = False,
     ) -> None:
         self.fn = fn
         self.donate = donate
         self.dynamic_batch = dynamic_batch
         self.batch_argnums = batch_argnums
         self.compiled = compiled
+        self.cache = compiled and cache
         self._target = _donating(fn) if donate else fn
-        self._compiled = torch.compile(self._target, **compile_kwargs) if compiled else self._target
+        self._compile_kwargs = compile_kwargs
+        # With the cache, torch.compile (and importing dynamo, ~1 s) waits for a fallback.
+        self._compiled: Callable[..., Any] | None = None
+        if not compiled:
+            self._compiled = self._target
+        elif not self.cache:
+            self._compiled = torch.compile(self._target, **compile_kwargs)
+        self._cached: dict[Any, Any] = {}  # call signature -> lightfn._aot.CachedStep
         self._isa_recorded = not compiled  # after the first compiled call: lightfn/_isa.py
         functools.update_wrapper(self, fn)
+
+    def _batch_argnums(self, args: tuple[Any, ...]) -> tuple[int, ...]:
+        if not self.dynamic_batch:
+            return ()
+        return self.batch_argnums if self.batch_argnums is not None else (len(args) - 1,)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.compiled:
             return self._target(*args, **kwargs)
+        if self.cache:
+            step, inputs = self._cached_step(args, kwargs)
+            if step is not None:
+                return step.call_flat(inputs.tensors, inputs.arg_defs)
+        if self._compiled is None:
+            self._compiled = torch.compile(self._target, **self._compile_kwargs)
         if self.dynamic_batch:
-            nums = self.batch_argnums if self.batch_argnums is not None else (len(args) - 1,)
+            nums = self._batch_argnums(args)
             for i in nums:
                 if 0 <= i < len(args):
                     for x in tree.leaves(args[i]):
@@ -223,6 +247,37 @@ class Jitted:
             self._isa_recorded = True
             remember_isa_probe()
         return out
+
+    def _cached_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """``(CachedStep, inputs)`` for this call, or ``(None, None)`` after a fallback."""
+        nums = self._batch_argnums(args)
+        try:
+            inputs = _aot.Inputs(args, kwargs, nums, static=False)
+            sig = inputs.signature()
+            step = self._cached.get(sig)
+            if step is not None and step.static and any(inputs.dynamic):  # built for one batch size only
+                inputs = _aot.Inputs(args, kwargs, nums, static=True)
+                sig = ("exact", inputs.signature())
+                step = self._cached.get(sig)
+            if step is None:
+                options = dict(self._compile_kwargs.get("options", {}))
+                step = _aot.compile_cached(self._target, args, kwargs, dynamic_argnums=nums, options=options)
+                self._cached[sig] = step
+                if step.static and any(inputs.dynamic):
+                    self._cached[("exact", _aot.Inputs(args, kwargs, nums, static=True).signature())] = step
+                if not self._isa_recorded:
+                    self._isa_recorded = True
+                    remember_isa_probe()
+        except _aot.Unsupported as e:
+            self.cache = False
+            _aot.count("fallbacks")
+            warnings.warn(
+                f"lf.jit: {getattr(self.fn, '__qualname__', type(self.fn).__name__)} is not in the AOT cache "
+                f"({e}); compiling with torch.compile instead",
+                stacklevel=3,
+            )
+            return None, None
+        return step, inputs
 
 
 def _donating(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -294,6 +349,7 @@ def jit(
     backend: str = "inductor",
     options: dict[str, Any] | None = None,
     guard_globals: bool = False,
+    cache: bool | None = None,
 ) -> Any:
     """Compile ``fn`` whole with ``torch.compile`` and lightfn's defaults.
 
@@ -317,6 +373,12 @@ def jit(
             arguments themselves (tensor shapes, dtypes, devices, pytree structure) and
             closed-over values are always checked. The check costs ~0.5 ms per call on the
             seed autoencoder's step (~2000 guards), a third of the step on a 2-core CPU.
+        cache: keep the compiled function as an ahead-of-time artifact in lightfn's cache
+            folder, so a later process loads it instead of tracing again
+            (:mod:`lightfn._aot`; default: the ``LIGHTFN_AOT`` environment variable, off
+            when unset). Only for the default inductor backend without ``mode`` or
+            ``guard_globals``; a function it cannot capture compiles as usual, with one
+            line saying why.
 
     Usable as ``lf.jit(f)``, ``lf.jit(f, donate=True)`` or ``@lf.jit(donate=True)``.
     """
@@ -324,10 +386,17 @@ def jit(
         return functools.partial(
             jit, donate=donate, dynamic_batch=dynamic_batch, batch_argnums=batch_argnums, mode=mode,
             fullgraph=fullgraph, disable=disable, backend=backend, options=options, guard_globals=guard_globals,
+            cache=cache,
         )
     if isinstance(fn, Jitted):
         return fn
     compiled = not (jit_disabled() if disable is None else disable)
+    use_cache = _aot.enabled_by_env() if cache is None else cache
+    if use_cache and (backend != "inductor" or mode is not None or guard_globals or not fullgraph):
+        if cache:  # asked for explicitly: say why it does not apply
+            warnings.warn("lf.jit(cache=True) applies to backend='inductor' with fullgraph and without mode or "
+                          "guard_globals; compiling with torch.compile", stacklevel=2)
+        use_cache = False
     kwargs: dict[str, Any] = {"fullgraph": fullgraph, "backend": backend, "dynamic": None if dynamic_batch else False}
     opts = dict(options or {})
     if not guard_globals:
@@ -352,4 +421,5 @@ def jit(
         batch_argnums=tuple(batch_argnums) if batch_argnums is not None else None,
         compiled=compiled,
         compile_kwargs=kwargs,
+        cache=use_cache,
     )

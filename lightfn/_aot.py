@@ -1,0 +1,368 @@
+"""Ahead-of-time artifact cache for pure steps: a later process loads the compiled step.
+
+``torch.compile`` re-traces a step in every new process (seconds, even with a warm
+inductor cache). For a pure step, lightfn can instead capture the graph once and keep the
+compiled result as a file: :func:`compile_cached` captures the function with ``make_fx``
+(no dynamo) on fake tensors, exports the graph with ``torch.export`` (the batch dimension
+dynamic), compiles it with AOTInductor into a ``.pt2`` package under lightfn's cache folder
+(:mod:`lightfn._cache`, subfolder ``aot``), and loads it. A later process with the same key
+loads the package without tracing.
+
+The key is a sha256 of everything the graph depends on: the function's code and the values
+it closes over (:mod:`lightfn._aot_key`), the input tree's structure, shapes (dynamic dims
+masked), dtypes and devices, non-tensor inputs (closed over as constants), grad mode and
+default dtype, the inductor options, and the torch, Python and lightfn versions (lightfn's
+as a hash of its source). A changed loss is a new key, never a stale graph.
+
+Files, atomic writes, integrity checks and the size bound: :mod:`lightfn._aot_store`. A
+corrupted artifact is rebuilt with a one-line warning, never loaded.
+
+What cannot be captured (collectives, data-dependent control flow, a value the key cannot
+fingerprint) raises :class:`Unsupported`; :mod:`lightfn.transforms` then compiles with
+``torch.compile`` as before. :func:`stats` counts traces, builds and loads for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import tree
+from ._aot_key import Unfingerprintable, fingerprint, lightfn_source_hash
+from ._aot_store import evict, load, open_package, read_manifest, write_package
+from ._cache import cache_dir, write_text_atomic
+from ._diagnostics import first_line
+from .errors import LightfnError
+
+__all__ = ["CachedStep", "Unsupported", "compile_cached", "stats", "reset_stats", "artifact_key", "enabled_by_env"]
+
+_FORMAT = "lightfn-aot-1"
+# Options that change how inductor gets its answer, not the answer: left out of the key.
+_NOT_KEYED = ("cpp.vec_isa_ok", "guard_filter_fn")
+# Process-wide counts of what the cache did, read by tests (never a timer).
+_STATS: Counter[str] = Counter()
+
+
+class Unsupported(Exception):
+    """The function cannot be cached ahead of time; ``str(e)`` says why in a few words."""
+
+
+def stats() -> dict[str, int]:
+    """Counts since the last :func:`reset_stats`: traces, builds, loads, rebuilds, fallbacks."""
+    return {k: _STATS[k] for k in ("traces", "builds", "loads", "rebuilds", "fallbacks")}
+
+
+def reset_stats() -> None:
+    _STATS.clear()
+
+
+def count(what: str) -> None:
+    _STATS[what] += 1
+
+
+def enabled_by_env() -> bool:
+    """True when ``LIGHTFN_AOT=1`` is set: ``lf.jit`` then uses the cache by default."""
+    return os.environ.get("LIGHTFN_AOT", "").strip().lower() in ("1", "true", "yes")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+class Inputs:
+    """The call's arguments as flat leaves: tensors become graph inputs, the rest constants."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_argnums: Sequence[int], static: bool) -> None:
+        self.arg_defs = []
+        self.leaves: list[Any] = []
+        self.dynamic: list[bool] = []  # per tensor: dim 0 dynamic
+        for i, a in enumerate((*args, kwargs)):
+            ls, d = tree.flatten(a)
+            self.arg_defs.append(d)
+            self.leaves.extend(ls)
+            dyn = not static and i in dynamic_argnums
+            self.dynamic.extend(dyn and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] >= 2 for x in ls)
+        self.is_tensor = [isinstance(x, torch.Tensor) for x in self.leaves]
+        self.tensors = [x for x in self.leaves if isinstance(x, torch.Tensor)]
+        self.dynamic = [d for d, t in zip(self.dynamic, self.is_tensor) if t]
+        self.nargs = len(args)
+
+    def signature(self) -> tuple[Any, ...]:
+        """A cheap hashable stand-in for the key's input part, for a per-process lookup."""
+        parts: list[Any] = [torch.is_grad_enabled(), torch.is_autocast_enabled(), *self.arg_defs]
+        dyn = iter(self.dynamic)
+        for x, is_t in zip(self.leaves, self.is_tensor):
+            if is_t:
+                d = next(dyn)
+                parts.append((d, x.shape[1:] if d else x.shape, x.dtype, x.device, x.is_contiguous(), x.requires_grad))
+            else:
+                try:
+                    hash(x)
+                except TypeError:
+                    raise Unsupported(f"a non-tensor input of type {type(x).__name__} is not hashable") from None
+                parts.append((type(x), x))
+        return tuple(parts)
+
+    def describe(self) -> list[Any]:
+        out: list[Any] = [str(d) for d in self.arg_defs]
+        dyn = iter(self.dynamic)
+        for x, is_t in zip(self.leaves, self.is_tensor):
+            if is_t:
+                if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
+                    raise Unsupported(f"an input is a {type(x).__name__}, not a plain tensor")
+                if x.requires_grad and torch.is_grad_enabled():
+                    # The artifact is a forward graph: autograd through it would silently stop.
+                    raise Unsupported("an input requires grad (the cached graph has no backward)")
+                shape = list(x.shape)
+                if next(dyn):
+                    shape[0] = "dyn"
+                out.append(["t", shape, str(x.dtype), str(x.device), x.is_contiguous()])
+            else:
+                out.append(["c", fingerprint(x)])
+        return out
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        it = iter(tensors)
+        full = [next(it) if is_t else x for x, is_t in zip(self.leaves, self.is_tensor)]
+        parts, start = [], 0
+        for d in self.arg_defs:
+            parts.append(tree.unflatten(d, full[start:start + d.num_leaves]))
+            start += d.num_leaves
+        return tuple(parts[:-1]), parts[-1]
+
+
+def artifact_key(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *,
+                 dynamic_argnums: Sequence[int] = (), options: dict[str, Any] | None = None, static: bool = False) -> str:
+    """The cache key of ``fn`` called on ``args`` (see module docs); raises :class:`Unsupported`."""
+    inputs = Inputs(args, kwargs or {}, dynamic_argnums, static)
+    return _key(fn, inputs, options or {})
+
+
+def _key(fn: Callable[..., Any], inputs: Inputs, options: dict[str, Any]) -> str:
+    try:
+        code = fingerprint(fn)
+        described = inputs.describe()
+        opts = {k: fingerprint(v) for k, v in sorted(options.items()) if k not in _NOT_KEYED}
+    except Unfingerprintable as e:
+        raise Unsupported(f"cannot fingerprint the step: it reaches {e}") from None
+    env = {
+        "torch": torch.__version__, "python": sys.version, "lightfn": lightfn_source_hash(), "machine": platform.machine(),
+        "cpu": torch.backends.cpu.get_cpu_capability(), "grad": torch.is_grad_enabled(),
+        "default_dtype": str(torch.get_default_dtype()), "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "autocast": torch.is_autocast_enabled(),
+        # Ranks never share an artifact (a sharded step's shapes or constants may differ per rank).
+        "rank": os.environ.get("RANK", ""), "world": os.environ.get("WORLD_SIZE", ""),
+    }
+    blob = json.dumps([_FORMAT, code, described, opts, env], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:40]
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def _encode(obj: Any, arg_defs: list[Any], out: list[torch.Tensor]) -> Any:
+    """A JSON description of the output tree; its tensors are appended to ``out``."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+        return "T"
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"c": obj}
+    if type(obj) is dict and all(isinstance(k, str) for k in obj):
+        return {"d": [[k, _encode(v, arg_defs, out)] for k, v in obj.items()]}
+    if type(obj) in (list, tuple):
+        return {"l" if type(obj) is list else "t": [_encode(v, arg_defs, out) for v in obj]}
+    structure = tree.structure(obj)
+    for i, d in enumerate(arg_defs):
+        if structure == d:
+            leaves = tree.leaves(obj)
+            if all(isinstance(x, torch.Tensor) for x in leaves):
+                out.extend(leaves)
+                return {"a": i}
+    raise Unsupported(f"the function returns a {type(obj).__qualname__} unlike any input's structure")
+
+
+def _decode(spec: Any, it: Any, arg_defs: list[Any]) -> Any:
+    if spec == "T":
+        return next(it)
+    (tag, v), = spec.items()
+    if tag == "c":
+        return v
+    if tag == "d":
+        return {k: _decode(s, it, arg_defs) for k, s in v}
+    if tag in ("l", "t"):
+        items = [_decode(s, it, arg_defs) for s in v]
+        return items if tag == "l" else tuple(items)
+    d = arg_defs[v]
+    return tree.unflatten(d, [next(it) for _ in range(d.num_leaves)])
+
+
+class CachedStep:
+    """A loaded artifact, callable like the function it was built from (same arguments)."""
+
+    def __init__(self, model: Any, out_spec: Any, *, path: Path, dynamic_argnums: Sequence[int], static: bool) -> None:
+        self.model = model
+        self.out_spec = out_spec
+        self.path = path
+        self.dynamic_argnums = tuple(dynamic_argnums)
+        self.static = static
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = Inputs(args, kwargs, self.dynamic_argnums, self.static)
+        return self.call_flat(inputs.tensors, inputs.arg_defs)
+
+    def call_flat(self, tensors: Sequence[torch.Tensor], arg_defs: list[Any]) -> Any:
+        outs = self.model.run(list(tensors))
+        return _decode(self.out_spec, iter(outs), arg_defs)
+
+
+# ---------------------------------------------------------------------------- capture
+
+
+def _capture(fn: Callable[..., Any], inputs: Inputs) -> tuple[Any, Any, bool]:
+    """``(graph module, output spec, batch guarded)``: ``fn`` traced to aten ops on fake inputs.
+
+    Fake tensors: nothing runs, so donated inputs are not mutated by the capture. Dim 0 of
+    the batch leaves is symbolic (one symbol per distinct size, as equal batch sizes are
+    usually meant to be equal); a guard on it means the graph is only valid for some batch
+    sizes, and the caller then builds for the exact size.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    shape_env = ShapeEnv()
+    fake_mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
+    fakes = []
+    for x, dyn in zip(inputs.tensors, inputs.dynamic):
+        sizes = [DimDynamic.DUCK if dyn and d == 0 else DimDynamic.STATIC for d in range(x.dim())]
+        fakes.append(fake_mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes)))
+    spec: list[Any] = []
+
+    def flat_fn(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        args, kwargs = inputs.rebuild(tensors)
+        # Only the function runs "compiling": lightfn.tree then flattens with torch's pytree
+        # (another leaf order), which must not reach the input/output specs kept here.
+        with _compiling():
+            result = fn(*args, **kwargs)
+        outs: list[torch.Tensor] = []
+        spec.append(_encode(result, inputs.arg_defs, outs))
+        return outs
+
+    count("traces")
+    with fake_mode:
+        gm = make_fx(flat_fn, tracing_mode="real")(*fakes)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "c10d" in str(node.target):
+            # A collective's process group is a name baked into the graph; a cached graph
+            # must not carry it into another process.
+            raise Unsupported(f"the step calls a collective ({node.target})")
+    guarded = any(g.expr.free_symbols for g in shape_env.guards)
+    return gm, spec[0], guarded
+
+
+def _compiling() -> Any:
+    """``torch.compiler.is_compiling()`` is True inside: code that takes a traced path under
+    torch.compile (lightfn's optimizers realize their 0-d bias corrections once per step
+    instead of a float64 pow per vector of every kernel) must take it here too, or the
+    cached step is slower than ``lf.jit``'s. The context torch's own make_fx-based export
+    uses; absent from a torch version, capture still works, only without that path."""
+    try:
+        from torch._export.utils import _compiling_state_context
+    except ImportError:  # pragma: no cover - torch versions without it
+        return contextlib.nullcontext()
+    return _compiling_state_context()
+
+
+def _export(gm: Any, inputs: Inputs) -> Any:
+    dims: dict[int, Any] = {}
+    shapes = []
+    for x, dyn in zip(inputs.tensors, inputs.dynamic):
+        if dyn:
+            size = int(x.shape[0])
+            if size not in dims:
+                dims[size] = torch.export.Dim(f"batch{len(dims)}", min=2)
+            shapes.append({0: dims[size]})
+        else:
+            shapes.append(None)
+    return torch.export.export(gm, tuple(inputs.tensors), dynamic_shapes=tuple(shapes), strict=False)
+
+
+# ------------------------------------------------------------------------------ entry
+
+
+def compile_cached(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    dynamic_argnums: Sequence[int] = (),
+    options: dict[str, Any] | None = None,
+    folder: Path | None = None,
+) -> CachedStep:
+    """Load (or build, store and load) the compiled ``fn`` for arguments like ``args``.
+
+    ``dynamic_argnums``: positional arguments whose tensors' dim 0 is a dynamic batch dim.
+    ``options``: inductor options (part of the key). Nothing runs on ``args``' values:
+    capture uses fake tensors. Raises :class:`Unsupported` (with a short reason) when
+    ``fn`` cannot be cached; errors a user can act on (:class:`LightfnError`) pass through.
+    """
+    kwargs = kwargs or {}
+    options = dict(options or {})
+    folder = folder if folder is not None else cache_dir() / "aot"
+    inputs = Inputs(args, kwargs, dynamic_argnums, static=False)
+    key = _key(fn, inputs, options)
+    manifest = _existing(folder, key)
+    if manifest is not None and manifest.get("static"):
+        inputs = Inputs(args, kwargs, dynamic_argnums, static=True)  # graph valid for one batch size
+        key = _key(fn, inputs, options)
+        manifest = _existing(folder, key)
+    static = not any(inputs.dynamic)
+    if manifest is not None:
+        try:
+            model = load(folder, key, manifest)
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, OSError) as e:
+            warnings.warn(f"lightfn AOT cache: artifact {key} is corrupted ({e}); rebuilding it", stacklevel=3)
+            count("rebuilds")
+        else:
+            count("loads")
+            return CachedStep(model, manifest["out_spec"], path=folder / manifest["package"], dynamic_argnums=dynamic_argnums, static=static)
+    try:
+        gm, out_spec, guarded = _capture(fn, inputs)
+        if guarded and not static:
+            # Python branched on the batch size: record that, and build for this size only.
+            write_text_atomic(folder / f"{key}.json", json.dumps({"key": key, "static": True}))
+            return compile_cached(fn, args, kwargs, dynamic_argnums=dynamic_argnums, options=options, folder=folder)
+        ep = _export(gm, inputs)
+        path, size, sha = write_package(folder, key, ep, options)
+    except (LightfnError, Unsupported):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever capture, export or AOTInductor refuse
+        raise Unsupported(first_line(e)) from e
+    manifest = {"key": key, "package": path.name, "size": size, "sha256": sha, "out_spec": out_spec,
+                "torch": torch.__version__}
+    write_text_atomic(folder / f"{key}.json", json.dumps(manifest))
+    count("builds")
+    evict(folder, keep=key)
+    model = open_package(path)
+    return CachedStep(model, out_spec, path=path, dynamic_argnums=dynamic_argnums, static=static)
+
+
+def _existing(folder: Path, key: str) -> dict[str, Any] | None:
+    try:
+        return read_manifest(folder, key)
+    except (ValueError, OSError) as e:
+        warnings.warn(f"lightfn AOT cache: manifest {key}.json is corrupted ({e}); rebuilding it", stacklevel=3)
+        count("rebuilds")
+        return None
