@@ -61,7 +61,7 @@ def probe_fit(args) -> dict:
 
     torch_done = time.time()
     import lightfn as lf
-    from lightfn import _aot
+    from lightfn._compile import aot as _aot
 
     x, _, _ = C.load_images(args.data_dir)
     step, state = _problem(args)
@@ -83,7 +83,7 @@ def probe_step(args) -> dict:
 
     torch_done = time.time()
     import lightfn as lf
-    from lightfn import _aot
+    from lightfn._compile import aot as _aot
 
     step, state = _problem(args)
     batch = (torch.rand(BATCH, DIMS[0]),)

@@ -84,7 +84,7 @@ def fold_in(k: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
     """A new key derived from ``k`` and an integer (e.g. the step number); pure, traceable."""
     k = _check_key(k)
     # torch.full, not torch.tensor: under make_fx a torch.tensor(int) becomes a baked-in
-    # constant tensor that torch.export then has to lift (lightfn/_aot.py captures this way).
+    # constant tensor that torch.export then has to lift (lightfn/_compile/aot.py captures this way).
     d = data if isinstance(data, torch.Tensor) else torch.full((), data, dtype=torch.int64, device=k.device)
     d = d.to(torch.int64)
     lo, hi = d & _M32, (d >> 32) & _M32

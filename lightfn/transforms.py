@@ -24,9 +24,10 @@ from typing import Any
 import torch
 import torch.func
 
-from . import _aot, tree
+from . import tree
+from ._compile import aot as _aot
 from ._diagnostics import first_line, fn_name, user_frame
-from ._isa import isa_options, remember_isa_probe
+from ._compile.isa import isa_options, remember_isa_probe
 from ._quiet import compile_messages_quieted
 from .errors import CompileError, LightfnError, StepError
 
@@ -180,7 +181,7 @@ class Jitted:
     ``fn`` is the original function, ``donate`` whether argument 0 is donated,
     ``compiled`` whether calls go through ``torch.compile`` (False when disabled).
     ``cache`` whether compiled steps come from the ahead-of-time artifact cache
-    (:mod:`lightfn._aot`); it is switched off, with one line saying why, for a function the
+    (:mod:`lightfn._compile.aot`); it is switched off, with one line saying why, for a function the
     cache cannot capture, which then compiles with ``torch.compile``.
     """
 
@@ -209,8 +210,8 @@ class Jitted:
             self._compiled = self._target
         elif not self.cache:
             self._compiled = torch.compile(self._target, **compile_kwargs)
-        self._cached: dict[Any, Any] = {}  # call signature -> lightfn._aot.CachedStep
-        self._isa_recorded = not compiled  # after the first compiled call: lightfn/_isa.py
+        self._cached: dict[Any, Any] = {}  # call signature -> lightfn._compile.aot.CachedStep
+        self._isa_recorded = not compiled  # after the first compiled call: lightfn/_compile/isa.py
         functools.update_wrapper(self, fn)
 
     def _batch_argnums(self, args: tuple[Any, ...]) -> tuple[int, ...]:
@@ -375,7 +376,7 @@ def jit(
             seed autoencoder's step (~2000 guards), a third of the step on a 2-core CPU.
         cache: keep the compiled function as an ahead-of-time artifact in lightfn's cache
             folder, so a later process loads it instead of tracing again
-            (:mod:`lightfn._aot`; default: the ``LIGHTFN_AOT`` environment variable, off
+            (:mod:`lightfn._compile.aot`; default: the ``LIGHTFN_AOT`` environment variable, off
             when unset). Only for the default inductor backend without ``mode`` or
             ``guard_globals``; a function it cannot capture compiles as usual, with one
             line saying why.
@@ -409,7 +410,7 @@ def jit(
         if mode is None:
             opts["guard_filter_fn"] = torch.compiler.skip_guard_on_globals_unsafe
     if compiled and backend == "inductor" and mode is None:
-        opts = {**isa_options(), **opts}  # skip inductor's per-cache-dir ISA test builds (lightfn/_isa.py)
+        opts = {**isa_options(), **opts}  # skip inductor's per-cache-dir ISA test builds (lightfn/_compile/isa.py)
     if mode is not None:
         kwargs["mode"] = mode
     if opts:

@@ -1,7 +1,7 @@
-"""The ahead-of-time artifact cache (lightfn/_aot.py): load without tracing, keys, corruption, parity.
+"""The ahead-of-time artifact cache (lightfn/_compile/aot.py): load without tracing, keys, corruption, parity.
 
 Each AOT build costs tens of seconds on a small CPU, so one module-scoped fixture builds the
-MLP step's artifact once and the tests share it; counts come from ``lightfn._aot.stats()``.
+MLP step's artifact once and the tests share it; counts come from ``lightfn._compile.aot.stats()``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import lightfn as lf
-from lightfn import _aot, _aot_store
+from lightfn._compile import aot as _aot, store as _aot_store
 
 pytestmark = pytest.mark.compile
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lightfn import _isa
+from lightfn._compile import isa as _isa
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="inductor probes ISAs by building only on x86-64")

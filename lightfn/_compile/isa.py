@@ -10,7 +10,7 @@ run, each rank's own cache dir under ``torchrun``, CI with a cold cache.
 
 The answer depends on the CPU, the compiler and torch, not on the cache dir. So after a
 process has run the probe and every ISA the CPU claims built and loaded, lightfn records
-that under a fingerprint of those three in its own cache (:mod:`lightfn._cache`). A later
+that under a fingerprint of those three in its own cache (:mod:`lightfn._compile.cache`). A later
 compile with the same fingerprint passes inductor's own ``cpp.vec_isa_ok=True`` option,
 which skips the header builds and keeps the same ISA list. The small extension checks still
 run: their answers choose compiler flags, so skipping them could change the kernels. A probe where any ISA failed is
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ._cache import cache_dir, write_text_atomic
+from .cache import cache_dir, write_text_atomic
 
 __all__ = ["isa_options", "remember_isa_probe"]
 

@@ -1,4 +1,4 @@
-"""A fingerprint of what a step computes, for the ahead-of-time artifact cache (lightfn/_aot.py).
+"""A fingerprint of what a step computes, for the ahead-of-time artifact cache (lightfn/_compile/aot.py).
 
 A cached compiled step may be reused by a later process only if that process would trace
 the same graph. The graph depends on the step's code and on every value the code closes

@@ -1,4 +1,4 @@
-"""Where lightfn's AOT cache (lightfn/_aot.py) keeps its artifacts, and how it trusts them.
+"""Where lightfn's AOT cache (lightfn/_compile/aot.py) keeps its artifacts, and how it trusts them.
 
 One folder, ``<lightfn cache>/aot``: per key a manifest ``<key>.json`` (the package's file
 name, size and sha256, and the output structure) and the package ``<key>-<sha>.pt2``. The
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._diagnostics import first_line
+from .._diagnostics import first_line
 
 __all__ = ["open_package", "read_manifest", "load", "write_package", "evict"]
 

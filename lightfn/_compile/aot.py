@@ -5,16 +5,16 @@ inductor cache). For a pure step, lightfn can instead capture the graph once and
 compiled result as a file: :func:`compile_cached` captures the function with ``make_fx``
 (no dynamo) on fake tensors, exports the graph with ``torch.export`` (the batch dimension
 dynamic), compiles it with AOTInductor into a ``.pt2`` package under lightfn's cache folder
-(:mod:`lightfn._cache`, subfolder ``aot``), and loads it. A later process with the same key
+(:mod:`lightfn._compile.cache`, subfolder ``aot``), and loads it. A later process with the same key
 loads the package without tracing.
 
 The key is a sha256 of everything the graph depends on: the function's code and the values
-it closes over (:mod:`lightfn._aot_key`), the input tree's structure, shapes (dynamic dims
+it closes over (:mod:`lightfn._compile.key`), the input tree's structure, shapes (dynamic dims
 masked), dtypes and devices, non-tensor inputs (closed over as constants), grad mode and
 default dtype, the inductor options, and the torch, Python and lightfn versions (lightfn's
 as a hash of its source). A changed loss is a new key, never a stale graph.
 
-Files, atomic writes, integrity checks and the size bound: :mod:`lightfn._aot_store`. A
+Files, atomic writes, integrity checks and the size bound: :mod:`lightfn._compile.store`. A
 corrupted artifact is rebuilt with a one-line warning, never loaded.
 
 What cannot be captured (collectives, data-dependent control flow, a value the key cannot
@@ -38,12 +38,12 @@ from typing import Any
 
 import torch
 
-from . import tree
-from ._aot_key import Unfingerprintable, fingerprint, lightfn_source_hash
-from ._aot_store import evict, load, open_package, read_manifest, write_package
-from ._cache import cache_dir, write_text_atomic
-from ._diagnostics import first_line
-from .errors import LightfnError
+from .. import tree
+from .key import Unfingerprintable, fingerprint, lightfn_source_hash
+from .store import evict, load, open_package, read_manifest, write_package
+from .cache import cache_dir, write_text_atomic
+from .._diagnostics import first_line
+from ..errors import LightfnError
 
 __all__ = ["CachedStep", "Unsupported", "compile_cached", "stats", "reset_stats", "artifact_key", "enabled_by_env"]
 
