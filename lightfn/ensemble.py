@@ -52,7 +52,7 @@ import torch.func
 
 from . import tree
 from .errors import StepError
-from .transforms import Jitted
+from ._compile.jit import Jitted
 
 __all__ = ["Ensemble", "ensemble", "num_members"]
 

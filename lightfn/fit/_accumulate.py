@@ -40,7 +40,7 @@ from .. import metrics as lf_metrics
 from .. import tree
 from .._members import flat_names, flatten, group_means, state_members
 from ..errors import FitError
-from ..transforms import Jitted, jit, jit_disabled
+from .._compile.jit import Jitted, jit, jit_disabled
 from ._checks import Acc, abstract_eval, check_acc, check_metrics, check_train_output
 from ._steps import classify
 

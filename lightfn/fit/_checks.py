@@ -21,6 +21,7 @@ from .. import metrics as lf_metrics
 from .. import tree
 from .._diagnostics import first_line
 from .._members import is_member_name, state_members
+from .._compile.jit import eager_failure
 from ..errors import CompileError, LightfnError, StepError, TreeError
 from ..step import describe
 
@@ -101,15 +102,10 @@ def _trace_failure(fn: Callable[..., Any], error: Exception, args: tuple[Any, ..
     when ``fn`` runs eagerly on the same inputs; otherwise the step itself is broken and its
     eager error is the one to fix."""
     name = getattr(fn, "__qualname__", None) or type(fn).__name__
-    # On copies: a step that failed to trace may also be impure, and the caller's state
-    # must come out of a failed first step untouched.
-    copies = tree.map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, args)
-    try:
-        with torch.no_grad():  # torch.func.grad inside a step ignores an outer no_grad
-            fn(*copies)
-    except LightfnError as user_error:
-        return user_error
-    except Exception as eager_error:  # noqa: BLE001
+    eager_error = eager_failure(fn, args)
+    if isinstance(eager_error, LightfnError):
+        return eager_error
+    if eager_error is not None:
         return StepError(
             f"{name} fails when run eagerly too, so compilation is not the cause (jit=False would not help): "
             f"{type(eager_error).__name__}: {first_line(eager_error)}"

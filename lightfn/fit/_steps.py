@@ -23,7 +23,7 @@ from ..distributed.data_parallel import _AverageGrads
 from ..distributed.fully_sharded import FullyShardedStep
 from ..errors import FitError
 from ..step import EvalStep, TrainStep
-from ..transforms import Jitted
+from .._compile.jit import Jitted
 
 __all__ = ["StepKind", "classify", "configure_steps", "first_batches", "move_batch", "positive"]
 
