@@ -43,9 +43,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 PROBE = C.HERE / "_startup_probe.py"
-ROWS = ("import_torch", "torch_loop", "lightfn_eager", "lightfn_jit_cold", "lightfn_jit_warm", "lightning", "jax")
+ROWS = ("import_torch", "torch_loop", "lightfn_eager", "lightfn_jit_cold", "lightfn_jit_warm", "lightfn_aot_cold",
+        "lightfn_aot_warm", "lightning", "jax")
 QUICK_ROWS = ("import_torch", "torch_loop", "lightfn_eager")
-_SYSTEM = {"lightfn_jit_cold": "lightfn", "lightfn_jit_warm": "lightfn"}
+_SYSTEM = {"lightfn_jit_cold": "lightfn", "lightfn_jit_warm": "lightfn", "lightfn_aot_cold": "lightfn",
+           "lightfn_aot_warm": "lightfn"}
 _NEEDS = {"lightning": (("lightning", "pytorch_lightning"),), "jax": (("jax",), ("optax",))}
 
 
@@ -80,8 +82,11 @@ def measure(rows: list[str], args: argparse.Namespace) -> tuple[list[dict[str, A
     results, skipped = [], {}
     with tempfile.TemporaryDirectory(prefix="lightfn-startup-") as tmp:
         work = pathlib.Path(tmp)
-        # cold and warm share one cache folder, empty before the cold run
+        # cold and warm share one cache folder, empty before the cold run; the AOT rows
+        # (lf.jit's ahead-of-time artifact cache, LIGHTFN_AOT=1) have their own
         caches = {"TORCHINDUCTOR_CACHE_DIR": str(work / "cache" / "inductor"), "LIGHTFN_CACHE_DIR": str(work / "cache" / "lightfn")}
+        aot = {"TORCHINDUCTOR_CACHE_DIR": str(work / "aot" / "inductor"), "LIGHTFN_CACHE_DIR": str(work / "aot" / "lightfn"),
+               "LIGHTFN_AOT": "1"}
         for row in rows:
             why = missing(row)
             if why is not None:
@@ -89,7 +94,7 @@ def measure(rows: list[str], args: argparse.Namespace) -> tuple[list[dict[str, A
                 results.append({"row": row, "status": why})
                 print(f"{row}: {why}", flush=True)
                 continue
-            env = caches if row in _SYSTEM else {}
+            env = (aot if row.startswith("lightfn_aot") else caches) if row in _SYSTEM else {}
             r = {"row": row, "status": "ok", **run_row(row, args, work, env)}
             results.append(r)
             print(f"{row}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith("_s")), flush=True)
@@ -134,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    if "lightfn_jit_warm" in rows and "lightfn_jit_cold" not in rows:
-        p.error("lightfn_jit_warm reuses the cache lightfn_jit_cold fills: ask for both")
+    for kind in ("jit", "aot"):
+        if f"lightfn_{kind}_warm" in rows and f"lightfn_{kind}_cold" not in rows:
+            p.error(f"lightfn_{kind}_warm reuses the cache lightfn_{kind}_cold fills: ask for both")
 
     results, skipped = measure(rows, args)
     add_ratios(results)
