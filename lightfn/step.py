@@ -44,11 +44,14 @@ them in eval mode, functionalize with ``lf.functionalize(model, eval_modules=["b
 >>> state, metrics = step(state, (torch.eye(3), torch.ones(3)))
 >>> int(state.step), sorted(metrics)
 (1, ['loss', 'mae'])
+
+A little over ~300 lines: the train step's one concept includes its precision modes, loss
+scaling, trainable subsets and the eager fast path (the precision table is in
+:mod:`lightfn._precision`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -66,34 +69,9 @@ from .freezing import partition, split_leaves
 from .state import LossScale, TrainState
 from ._eager import plain_eager
 from .transforms import autograd_value_and_grad, value_and_grad
+from ._precision import PRECISIONS, TRUE_DTYPES, autocast_for, batch_dtype_of, check_precision, update_loss_scale
 
 __all__ = ["TrainStep", "EvalStep", "train_step", "eval_step", "PRECISIONS"]
-
-PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
-_MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-_TRUE = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
-
-
-def _batch_dtype(step: Any) -> torch.dtype | None:
-    """The dtype floating batch leaves are cast to before ``step``: that of a ``*-true``
-    precision (its params hold that dtype, as in Lightning), else None."""
-    return _TRUE.get(step.precision)
-
-
-def _check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise StepError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    return precision
-
-
-def _autocast(precision: str, params: Any) -> contextlib.AbstractContextManager[Any]:
-    dtype = _MIXED.get(precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    first = tree.leaves(params)
-    device_type = first[0].device.type if first else "cpu"
-    return torch.autocast(device_type=device_type, dtype=dtype)
-
 
 def _split_output(out: Any, with_state: bool) -> tuple[Any, dict[str, Any], Any]:
     """Normalize loss_fn's return value to (loss, metrics, new_buffers), checking its form."""
@@ -177,7 +155,7 @@ class TrainStep:
     trainable: Any = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
-        _check_precision(self.precision)
+        check_precision(self.precision)
         if self.grad_fn is not None and self.precision == "16-mixed":
             raise StepError(
                 'precision="16-mixed" scales the loss, which a custom grad_fn (e.g. DP-SGD\'s per-sample clipping) '
@@ -189,7 +167,7 @@ class TrainStep:
     def replace(self, **changes: Any) -> "TrainStep":
         return dataclasses.replace(self, **changes)
 
-    batch_dtype = property(_batch_dtype)
+    batch_dtype = property(batch_dtype_of)
 
     def init_opt_state(self, params: Any) -> Any:
         """``optimizer.init`` of the params this step trains (all of them without ``trainable``)."""
@@ -199,7 +177,7 @@ class TrainStep:
         """Adapt a fresh state to this step's precision: cast params (and optimizer state)
         for ``*-true`` precisions, add a :class:`LossScale` for ``"16-mixed"``."""
         state = _check_state(state)
-        dtype = _TRUE.get(self.precision)
+        dtype = TRUE_DTYPES.get(self.precision)
         if dtype is not None:
             state = state.replace(params=tree.cast(state.params, dtype), opt_state=tree.cast(state.opt_state, dtype))
         if self.precision == "16-mixed" and state.loss_scale is None:
@@ -222,8 +200,8 @@ class TrainStep:
             # around the grad call instead, it would also cast the backward, so a region the
             # user runs with autocast disabled would get bf16 gradients. Attention dropout,
             # whose CPU kernel mixes dtypes under torch.func.grad + autocast, is rewritten by
-            # rng_scope as plain ops (lightfn/_attention.py).
-            with _autocast(self.precision, params), lf_random.rng_scope(key):
+            # rng_scope as plain ops (lightfn/random/_attention.py).
+            with autocast_for(self.precision, params), lf_random.rng_scope(key):
                 if self.with_state:
                     out = self.loss_fn(params, state.buffers, batch)
                 else:
@@ -268,7 +246,7 @@ class TrainStep:
             finite = torch.stack([torch.isfinite(g).all() for g in tree.leaves(grads)]).all()
             params = tree.where(finite, params, state.params)
             opt_state = tree.where(finite, opt_state, with_types_of(opt_state, state.opt_state))
-            loss_scale = _update_loss_scale(state.loss_scale, finite)
+            loss_scale = update_loss_scale(state.loss_scale, finite)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, buffers=buffers, loss_scale=loss_scale)
         out = _scalar_metrics(loss, metrics)
         if scaling:
@@ -288,14 +266,6 @@ class TrainStep:
             ) from e
 
 
-def _update_loss_scale(ls: LossScale, finite: torch.Tensor) -> LossScale:
-    good = torch.where(finite, ls.good_steps + 1, torch.zeros_like(ls.good_steps))
-    grow = good >= ls.growth_interval
-    scale = torch.where(finite, torch.where(grow, ls.scale * ls.growth_factor, ls.scale), ls.scale * ls.backoff_factor)
-    good = torch.where(grow, torch.zeros_like(good), good)
-    return ls.replace(scale=scale, good_steps=good)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalStep:
     """A pure evaluation step ``(state, batch) -> metrics`` (no gradients).
@@ -309,17 +279,17 @@ class EvalStep:
     precision: str = "32-true"
 
     def __post_init__(self) -> None:
-        _check_precision(self.precision)
+        check_precision(self.precision)
 
     def replace(self, **changes: Any) -> "EvalStep":
         return dataclasses.replace(self, **changes)
 
-    batch_dtype = property(_batch_dtype)
+    batch_dtype = property(batch_dtype_of)
 
     def __call__(self, state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
         state = _check_state(state)
         key = lf_random.fold_in(lf_random.fold_in(state.rng, state.step), 0x5EED)
-        with torch.no_grad(), _autocast(self.precision, state.params), lf_random.rng_scope(key):
+        with torch.no_grad(), autocast_for(self.precision, state.params), lf_random.rng_scope(key):
             if self.with_state:
                 out = self.loss_fn(state.params, state.buffers, batch)
             else:

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lightfn as lf
-from lightfn import _attention as A
+from lightfn.random import _attention as A
 from lightfn import random as R
 
 E, H, L, S, N = 8, 2, 3, 5, 4

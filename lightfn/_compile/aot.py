@@ -20,6 +20,9 @@ corrupted artifact is rebuilt with a one-line warning, never loaded.
 What cannot be captured (collectives, data-dependent control flow, a value the key cannot
 fingerprint) raises :class:`Unsupported`; :mod:`lightfn.transforms` then compiles with
 ``torch.compile`` as before. :func:`stats` counts traces, builds and loads for tests.
+
+Over ~300 lines: capture, export, build and load are one path that must agree on the
+input encoding; the key and the storage live in :mod:`.key` and :mod:`.store`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ A tensor stored once but reachable at several paths (tied weights) has the same 
 each. Decoding never imports a class named by "type": without a template, NamedTuples and
 pytree dataclasses come back as dicts of their fields; with one (``like``), the template
 gives the types and every leaf is checked against it.
+
+A little over ~300 lines because encode and decode of the structure live together (the
+format is described once, beside both directions that must agree on it).
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ Limits: all params must share one floating dtype; optimizer transforms must be e
 (adam, sgd, adamw without a mask...). Transforms that look at the params tree's structure
 (masks, ``multi_transform``) or at a global quantity (``clip_by_global_norm``) would see only
 the local shard. ``"16-mixed"`` is refused: each rank would judge finiteness on its own slice.
+
+Over ~300 lines: the sharded train step, its state layout walks and its optimizer wrapper
+are one transformation; the layout arithmetic itself lives in :mod:`.shard_layout`.
 """
 
 from __future__ import annotations

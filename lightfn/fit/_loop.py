@@ -1,10 +1,13 @@
 """The training loop itself: epochs of steps, validation, logging, stopping.
 
-:meth:`Loop.run` reads top to bottom as the loop Lightning users know; everything it keeps
+Calling a :class:`Loop` (``Loop.__call__``) reads top to bottom as the loop Lightning users know; everything it keeps
 between steps is one :class:`~lightfn.fit._run.Run`, the very thing a checkpoint holds.
 Callbacks are called and their signals applied in :mod:`lightfn.fit._hooks`; the plan
 (:mod:`lightfn.fit._plan`) says what is due; the process policy
 (:mod:`lightfn.fit._processes`) reduces metrics and lets ranks agree on stopping.
+
+A little over ~300 lines: the loop and the steps it takes (validate, log, close an epoch,
+preempt) read together, top to bottom, and are kept in one place on purpose.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ Every rank takes the same decisions because the metrics they decide on are reduc
 and ranks vote each step (:meth:`Processes.vote`: stop and SIGTERM flags OR-ed, one shared
 clock for ``max_time`` and ``ModelCheckpoint(train_time_interval=...)``), a CPU all-reduce
 on a gloo control group that fit makes, so NCCL runs do not stall on it.
+
+Over ~300 lines: every place where processes change what fit does (data, metrics, votes,
+checkpoints, the state returned) is one policy and is kept in one object on purpose.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import StepError
+from ..errors import StepError
 
 __all__ = ["sdpa", "multi_head_attention", "bind_mha"]
 
