@@ -311,11 +311,14 @@ def compile_cached(
     dynamic_argnums: Sequence[int] = (),
     options: dict[str, Any] | None = None,
     folder: Path | None = None,
+    build_options: Callable[[], dict[str, Any]] | None = None,
 ) -> CachedStep:
     """Load (or build, store and load) the compiled ``fn`` for arguments like ``args``.
 
     ``dynamic_argnums``: positional arguments whose tensors' dim 0 is a dynamic batch dim.
-    ``options``: inductor options (part of the key). Nothing runs on ``args``' values:
+    ``options``: inductor options (part of the key); ``build_options()``: more options
+    asked only when a build is needed (e.g. the ISA probe's record, which is costly to read
+    and not part of the key). Nothing runs on ``args``' values:
     capture uses fake tensors. Raises :class:`Unsupported` (with a short reason) when
     ``fn`` cannot be cached; errors a user can act on (:class:`LightfnError`) pass through.
     """
@@ -346,9 +349,11 @@ def compile_cached(
         if guarded and not static:
             # Python branched on the batch size: record that, and build for this size only.
             write_text_atomic(folder / f"{key}.json", json.dumps({"key": key, "static": True}))
-            return compile_cached(fn, args, kwargs, dynamic_argnums=dynamic_argnums, options=options, folder=folder)
+            return compile_cached(fn, args, kwargs, dynamic_argnums=dynamic_argnums, options=options, folder=folder,
+                                  build_options=build_options)
         ep = _export(gm, inputs)
-        path, size, sha = write_package(folder, key, ep, options)
+        built_with = options if build_options is None else {**build_options(), **options}
+        path, size, sha = write_package(folder, key, ep, built_with)
     except (LightfnError, Unsupported):
         raise
     except Exception as e:  # noqa: BLE001 - whatever capture, export or AOTInductor refuse

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 from typing import Any
 
 import torch
@@ -82,8 +83,8 @@ def remember_isa_probe() -> bool:
     Returns True when a record was written. Cheap when there is nothing to do: the probe
     result is read from inductor's in-process cache, never recomputed.
     """
-    if platform.machine() not in _X86:
-        return False
+    if platform.machine() not in _X86 or "torch._inductor.cpu_vec_isa" not in sys.modules:
+        return False  # inductor never loaded here (e.g. a step loaded from the AOT cache): no probe ran
     from torch._inductor import cpu_vec_isa
 
     if cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 0:

@@ -53,6 +53,7 @@ class Jitted:
         compiled: bool,
         compile_kwargs: dict[str, Any],
         cache: bool = False,
+        isa: bool = False,
     ) -> None:
         self.fn = fn
         self.donate = donate
@@ -62,15 +63,25 @@ class Jitted:
         self.cache = compiled and cache
         self._target = _donating(fn) if donate else fn
         self._compile_kwargs = compile_kwargs
+        # The ISA probe's record (isa_options) is read only when something compiles: reading
+        # it imports inductor (and dynamo, ~1.5 s), which a step loaded from the AOT cache
+        # never needs.
+        self._isa = isa
         # With the cache, torch.compile (and importing dynamo, ~1 s) waits for a fallback.
         self._compiled: Callable[..., Any] | None = None
         if not compiled:
             self._compiled = self._target
         elif not self.cache:
-            self._compiled = torch.compile(self._target, **compile_kwargs)
+            self._compiled = self._torch_compile()
         self._cached: dict[Any, Any] = {}  # call signature -> lightfn._compile.aot.CachedStep
         self._isa_recorded = not compiled  # after the first compiled call: lightfn/_compile/isa.py
         functools.update_wrapper(self, fn)
+
+    def _torch_compile(self) -> Callable[..., Any]:
+        kwargs = dict(self._compile_kwargs)
+        if self._isa:
+            kwargs["options"] = {**isa_options(), **kwargs.get("options", {})}
+        return torch.compile(self._target, **kwargs)
 
     def _batch_argnums(self, args: tuple[Any, ...]) -> tuple[int, ...]:
         if not self.dynamic_batch:
@@ -85,7 +96,7 @@ class Jitted:
             if step is not None:
                 return step.call_flat(inputs.tensors, inputs.arg_defs)
         if self._compiled is None:
-            self._compiled = torch.compile(self._target, **self._compile_kwargs)
+            self._compiled = self._torch_compile()
         if self.dynamic_batch:
             nums = self._batch_argnums(args)
             for i in nums:
@@ -120,7 +131,8 @@ class Jitted:
                 step = self._cached.get(sig)
             if step is None:
                 options = dict(self._compile_kwargs.get("options", {}))
-                step = _aot.compile_cached(self._target, args, kwargs, dynamic_argnums=nums, options=options)
+                step = _aot.compile_cached(self._target, args, kwargs, dynamic_argnums=nums, options=options,
+                                           build_options=isa_options if self._isa else None)
                 self._cached[sig] = step
                 if step.static and any(inputs.dynamic):
                     self._cached[("exact", _aot.Inputs(args, kwargs, nums, static=True).signature())] = step
@@ -279,8 +291,8 @@ def jit(
             mode = None
         if mode is None:
             opts["guard_filter_fn"] = torch.compiler.skip_guard_on_globals_unsafe
-    if compiled and backend == "inductor" and mode is None:
-        opts = {**isa_options(), **opts}  # skip inductor's per-cache-dir ISA test builds (lightfn/_compile/isa.py)
+    # inductor's per-cache-dir ISA test builds are skipped (lightfn/_compile/isa.py), read when compiling
+    isa = compiled and backend == "inductor" and mode is None
     if mode is not None:
         kwargs["mode"] = mode
     if opts:
@@ -293,4 +305,5 @@ def jit(
         compiled=compiled,
         compile_kwargs=kwargs,
         cache=use_cache,
+        isa=isa,
     )

@@ -42,6 +42,7 @@ from .._members import flat_names, flatten, group_means, state_members
 from ..errors import FitError
 from .._compile.jit import Jitted, jit, jit_disabled
 from ._checks import Acc, abstract_eval, check_acc, check_metrics, check_train_output
+from . import _layouts as layouts
 from ._steps import classify
 
 __all__ = ["Acc", "AccumulatingTrainStep", "AccumulatingEvalStep", "evaluate", "batch_size", "means", "epoch_values",
@@ -165,10 +166,15 @@ class AccumulatingTrainStep:
 
     def _first(self, state: Any, acc: Acc | None, batch: Any) -> tuple[Any, Acc, dict[str, torch.Tensor]]:
         if self.fused:
-            out = abstract_eval(self.step, state, batch)
-            _, keys = check_train_output(out, state)
-            names = flat_names(lf_metrics.split(out[1])[0])
-            acc = check_acc(acc, names, self.expected_names, out[1], tree.device_of(state))
+            known = layouts.recall("train", self.step, state, batch)
+            if known is None:
+                out = abstract_eval(self.step, state, batch)
+                _, keys = check_train_output(out, state)
+                names, metrics = flat_names(lf_metrics.split(out[1])[0]), out[1]
+                layouts.remember("train", self.step, state, batch, keys, names, bool(lf_metrics.split(metrics)[1]))
+            else:
+                (keys, names), metrics = known, {}  # remembered: a step without Sum states
+            acc = check_acc(acc, names, self.expected_names, metrics, tree.device_of(state))
             self._check_computable(acc)
             self.keys, self.names = keys, names
             self._compiled = jit(functools.partial(_train_and_accumulate, self.step, self.keys), donate=True)
@@ -234,16 +240,23 @@ class AccumulatingEvalStep:
 
     def _first(self, state: Any, acc: Acc | None, batch: Any) -> tuple[Acc, Mapping[str, torch.Tensor]]:
         if self.fused:
-            metrics = abstract_eval(self.step, state, batch)
-            acc = self._start(acc, check_metrics(metrics, "eval step", state_members(state)), metrics, state)
+            known = layouts.recall("eval", self.step, state, batch)
+            if known is None:
+                metrics = abstract_eval(self.step, state, batch)
+                keys = check_metrics(metrics, "eval step", state_members(state))
+                acc = self._start(acc, keys, metrics, state)
+                layouts.remember("eval", self.step, state, batch, keys, self.names, bool(lf_metrics.split(metrics)[1]))
+            else:
+                acc = self._start(acc, known[0], {}, state, names=known[1])
             self._compiled = jit(functools.partial(_eval_and_accumulate, self.step, self.keys))
             return self._compiled(state, acc, batch)
         metrics = self.step(state, batch)
         acc = self._start(acc, check_metrics(metrics, "eval step", state_members(state)), metrics, state)
         return _accumulate_all_(acc, metrics, self.keys, batch_size(batch)), lf_metrics.split(metrics)[0]
 
-    def _start(self, acc: Acc | None, keys: tuple[str, ...], metrics: Mapping[str, Any], state: Any) -> Acc:
-        names = flat_names(lf_metrics.split(metrics)[0])
+    def _start(self, acc: Acc | None, keys: tuple[str, ...], metrics: Mapping[str, Any], state: Any,
+               names: tuple[str, ...] | None = None) -> Acc:
+        names = flat_names(lf_metrics.split(metrics)[0]) if names is None else names
         acc = check_acc(acc, names, None, metrics, tree.device_of(state))
         if self.compute_metrics is None:
             lf_metrics.values(acc["sum"], None)  # a non-scalar state without compute_metrics: refused now
