@@ -70,6 +70,18 @@ def _betas(betas: tuple[Scalar, Scalar], b1: Scalar | None, b2: Scalar | None, o
     return out
 
 
+def _adam_args(name: str, lr: ScalarOrSchedule, learning_rate: ScalarOrSchedule | None,
+               betas: tuple[Scalar, Scalar], b1: Scalar | None, b2: Scalar | None, eps: Scalar,
+               weight_decay: Scalar) -> tuple[ScalarOrSchedule, Scalar, Scalar]:
+    """``(lr, b1, b2)`` of adam/adamw after checking their shared arguments."""
+    lr = _rate(lr, learning_rate, name, 1e-3)
+    _check_lr(lr, name)
+    b1, b2 = _betas(betas, b1, b2, name)
+    _check_range("epsilon value", eps, name, arg="eps")
+    _check_range("weight_decay value", weight_decay, name)
+    return lr, b1, b2
+
+
 def _maybe(condition: bool, transform: GradientTransformation) -> tuple[GradientTransformation, ...]:
     return (transform,) if condition else ()
 
@@ -119,11 +131,7 @@ def adam(
     eps_root: Scalar = 0.0,
 ) -> GradientTransformation:
     """torch.optim.Adam, with ``weight_decay`` as L2 (added to the gradient before the moments)."""
-    lr = _rate(lr, learning_rate, "adam", 1e-3)
-    _check_lr(lr, "adam")
-    b1, b2 = _betas(betas, b1, b2, "adam")
-    _check_range("epsilon value", eps, "adam", arg="eps")
-    _check_range("weight_decay value", weight_decay, "adam")
+    lr, b1, b2 = _adam_args("adam", lr, learning_rate, betas, b1, b2, eps, weight_decay)
     return chain(
         *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay)),
         scale_by_adam(b1, b2, eps, eps_root, amsgrad),
@@ -148,11 +156,7 @@ def adamw(
 
     ``mask`` (bool pytree or ``params -> mask``) limits the decay to some leaves.
     """
-    lr = _rate(lr, learning_rate, "adamw", 1e-3)
-    _check_lr(lr, "adamw")
-    b1, b2 = _betas(betas, b1, b2, "adamw")
-    _check_range("epsilon value", eps, "adamw", arg="eps")
-    _check_range("weight_decay value", weight_decay, "adamw")
+    lr, b1, b2 = _adam_args("adamw", lr, learning_rate, betas, b1, b2, eps, weight_decay)
     return chain(
         scale_by_adam(b1, b2, eps, eps_root, amsgrad),
         *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay, mask)),
