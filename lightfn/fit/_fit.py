@@ -142,7 +142,10 @@ def fit(
             epoch 0, taken once and reused, so no reshuffle ever changes them.
         jit: compile the step and the eval step with ``lf.jit`` (one graph each, fused with
             the metric accumulation; the train graph donates the state). ``False`` runs
-            eagerly; a step already wrapped in ``lf.jit`` is used as it is.
+            eagerly; a step already wrapped in ``lf.jit`` is used as it is. With
+            ``LIGHTFN_AOT=1`` both graphs (and their metric layouts) come from the
+            ahead-of-time cache, so a later process starts without tracing (README: "the AOT
+            cache").
         device: ``"auto"`` (CUDA, else MPS, else CPU) or any torch device. The state is
             copied there; batches are moved there without a host sync (a device-resident
             ``ArrayLoader`` needs no move).
