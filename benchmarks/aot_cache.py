@@ -29,30 +29,11 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-DIMS = (784, 64, 3, 64, 784)
-LR, BATCH = 1e-3, 64
+from seed_autoencoder import BATCH, DIMS, lightfn_problem  # noqa: E402 (the seed model seed_autoencoder.py times)
 
 
 def _problem(args):
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    import lightfn as lf
-
-    torch.manual_seed(0)
-    encoder = nn.Sequential(nn.Linear(DIMS[0], DIMS[1]), nn.ReLU(), nn.Linear(DIMS[1], DIMS[2]))
-    decoder = nn.Sequential(nn.Linear(DIMS[2], DIMS[3]), nn.ReLU(), nn.Linear(DIMS[3], DIMS[4]))
-    encode, enc_params = lf.functionalize(encoder)
-    decode, dec_params = lf.functionalize(decoder)
-
-    def loss_fn(params, batch):
-        (xb,) = batch
-        return F.mse_loss(decode(params["decoder"], encode(params["encoder"], xb)), xb)
-
-    opt = lf.optim.adam(LR)
-    state = lf.TrainState.create(params={"encoder": enc_params, "decoder": dec_params}, optimizer=opt, seed=0)
-    return lf.train_step(loss_fn, opt), state
+    return lightfn_problem()
 
 
 def probe_fit(args) -> dict:

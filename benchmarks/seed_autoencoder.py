@@ -70,12 +70,12 @@ def _sync(device: str):
     return torch.cuda.synchronize if device.startswith("cuda") else None
 
 
-def run_lightfn(x, clock: C.StepClock, device: str, on_first_step=None) -> dict[str, Any]:
-    import torch
+def lightfn_problem() -> tuple[Any, Any]:
+    """The seed model as lightfn trains it: ``(lf.train_step, TrainState)`` (also used by
+    aot_cache.py, so both benchmarks time the same step)."""
     import torch.nn.functional as F
 
     import lightfn as lf
-    from lightfn.fit import fit
 
     encoder, decoder = _modules()
     encode, enc_params = lf.functionalize(encoder)
@@ -87,6 +87,16 @@ def run_lightfn(x, clock: C.StepClock, device: str, on_first_step=None) -> dict[
 
     opt = lf.optim.adam(LR)
     state = lf.TrainState.create(params={"encoder": enc_params, "decoder": dec_params}, optimizer=opt, seed=0)
+    return lf.train_step(loss_fn, opt), state
+
+
+def run_lightfn(x, clock: C.StepClock, device: str, on_first_step=None) -> dict[str, Any]:
+    import torch
+
+    import lightfn as lf
+    from lightfn.fit import fit
+
+    step, state = lightfn_problem()
     loader = lf.data.ArrayLoader((torch.from_numpy(x),), batch_size=BATCH, device=device)
 
     class Clock(lf.callbacks.Callback):
@@ -98,7 +108,7 @@ def run_lightfn(x, clock: C.StepClock, device: str, on_first_step=None) -> dict[
 
     with tempfile.TemporaryDirectory() as logs:
         logger = lf.loggers.CSVLogger(logs)
-        state = fit(lf.train_step(loss_fn, opt), state, loader, max_epochs=-1, max_steps=clock.total_steps,
+        state = fit(step, state, loader, max_epochs=-1, max_steps=clock.total_steps,
                     callbacks=[Clock()], loggers=[logger], device=device, progress=False)
         logger.close()
     return {}
