@@ -172,7 +172,6 @@ def run_lightning(args, marks: dict) -> None:
 
 def run_jax(args, marks: dict) -> None:
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
 
@@ -184,22 +183,9 @@ def run_jax(args, marks: dict) -> None:
 
     data = load_mnist(args.data_dir, download=False)
     x, xv = data.train_images.flatten(1).numpy(), data.val_images.flatten(1).numpy()
-    dims = (784, 64, 3, 64, 784)
-    keys = jax.random.split(jax.random.PRNGKey(SEED), len(dims) - 1)
-    params = [
-        (jax.random.uniform(k, (i, o), minval=-(i ** -0.5), maxval=i ** -0.5), jnp.zeros(o))
-        for k, (i, o) in zip(keys, zip(dims, dims[1:]))
-    ]
+    from seed_autoencoder import jax_problem  # the seed model seed_autoencoder.py times
 
-    def loss_fn(p, xb):
-        h = xb
-        for j, (w, b) in enumerate(p):
-            h = h @ w + b
-            if j in (0, 2):
-                h = jax.nn.relu(h)
-        return jnp.mean((h - xb) ** 2)
-
-    opt = optax.adam(LR)
+    params, loss_fn, opt = jax_problem(SEED)
     opt_state = opt.init(params)
 
     @jax.jit

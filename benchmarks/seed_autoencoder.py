@@ -185,18 +185,19 @@ def run_lightning(x, clock: C.StepClock, device: str, on_first_step=None) -> dic
 # ----------------------------------------------------------------------------- JAX
 
 
-def _jax_setup(x):
+def jax_problem(seed: int = 0) -> tuple[Any, Any, Any]:
+    """The seed model in JAX: ``(params, loss_fn, optax.adam(LR))``, initialized as
+    ``nn.Linear`` initializes (also used by the startup benchmark's JAX row)."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    keys = jax.random.split(jax.random.PRNGKey(0), len(DIMS) - 1)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(DIMS) - 1)
     params = []
     for k, (i, o) in zip(keys, zip(DIMS, DIMS[1:])):
         kw, kb = jax.random.split(k)
         bound = 1.0 / i**0.5  # nn.Linear's default init range
         params.append((jax.random.uniform(kw, (i, o), jnp.float32, -bound, bound), jax.random.uniform(kb, (o,), jnp.float32, -bound, bound)))
-    opt = optax.adam(LR)
 
     def loss_fn(p, xb):
         h = xb
@@ -205,6 +206,16 @@ def _jax_setup(x):
             if n in (0, 2):
                 h = jax.nn.relu(h)
         return jnp.mean((h - xb) ** 2)
+
+    return params, loss_fn, optax.adam(LR)
+
+
+def _jax_setup(x):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    params, loss_fn, opt = jax_problem()
 
     def step(p, s, xb):
         loss, g = jax.value_and_grad(loss_fn)(p, xb)
