@@ -142,6 +142,17 @@ def test_a_new_batch_size_reuses_the_artifact(aot_cache, monkeypatch):
     torch.testing.assert_close(m5["loss"], eager[1]["loss"])
 
 
+def test_the_key_covers_all_of_lightfns_source():
+    # An edit anywhere in lightfn (optimizer math, the step, fit) may change a graph, so
+    # every lightfn file is part of the key, not only the compile package's.
+    from lightfn._compile.key import lightfn_sources
+
+    root, files = lightfn_sources()
+    assert root == pathlib.Path(lf.__file__).resolve().parent
+    names = {str(f.relative_to(root)) for f in files}
+    assert {"step.py", "optim/adaptive.py", "fit/_accumulate.py", "_compile/aot.py"} <= names
+
+
 def test_changed_loss_shape_or_constant_is_a_new_key():
     step, state, batches = make_problem()
     key = _aot.artifact_key(step, (state, batches[0]), dynamic_argnums=(1,))

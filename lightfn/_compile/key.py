@@ -44,12 +44,19 @@ class Unfingerprintable(Exception):
     """The step reaches a value whose meaning cannot be hashed reliably."""
 
 
+def lightfn_sources() -> tuple[Path, tuple[Path, ...]]:
+    """``(root, files)``: the lightfn package folder and every ``.py`` file below it (this
+    module lives in ``lightfn/_compile``, so the root is two levels up)."""
+    root = Path(__file__).resolve().parents[1]
+    return root, tuple(sorted(root.rglob("*.py")))
+
+
 @functools.cache
 def lightfn_source_hash() -> str:
     """sha256 of lightfn's own source files: an edited lightfn is a new version for the cache."""
-    root = Path(__file__).resolve().parent
+    root, files = lightfn_sources()
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in files:
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
