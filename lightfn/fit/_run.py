@@ -220,6 +220,11 @@ def save_run(path: str | os.PathLike[str], run: Run, metadata: Mapping[str, Any]
     return save(path, to_tree(run), metadata=run_metadata() if metadata is None else metadata)
 
 
+def _acc_of(loop: Mapping[str, Any]) -> Acc | None:
+    """The accumulator a checkpoint's ``"loop"`` holds (``None`` before the first step)."""
+    return None if loop["acc"] is None else {"mean": loop["acc"], "sum": loop.get("sums", {})}
+
+
 def load_run(path: str | os.PathLike[str], like: Run, *, read: Callable[[Any], Any] | None = None) -> Run:
     """The run saved at ``path``, loaded into the structure of ``like``.
 
@@ -233,9 +238,7 @@ def load_run(path: str | os.PathLike[str], like: Run, *, read: Callable[[Any], A
     path = Path(path)
     if not path.is_file():
         raise FitError(f"resume_from={str(path)!r}: no such checkpoint file")
-    loop = load(path, subtree="loop")
-    acc = None if loop["acc"] is None else {"mean": loop["acc"], "sum": loop.get("sums", {})}
-    template = _template(like, acc, load(path, subtree="callbacks"))
+    template = _template(like, _acc_of(load(path, subtree="loop")), load(path, subtree="callbacks"))
     ckpt = load(path, like=template) if read is None else read(template)
     loop = ckpt["loop"]
     if loop["data_seed"] != like.data_seed:
@@ -250,7 +253,7 @@ def load_run(path: str | os.PathLike[str], like: Run, *, read: Callable[[Any], A
     return Run(
         state=_state_from(like.state, ckpt),
         position=position,
-        acc=None if loop["acc"] is None else {"mean": loop["acc"], "sum": loop.get("sums", {})},
+        acc=_acc_of(loop),
         metric_names=tuple(json.loads(loop["metrics"])),
         logged={k: decode_float(v) for k, v in json.loads(loop["logged"]).items()},
         data_seed=loop["data_seed"],
