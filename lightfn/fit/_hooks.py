@@ -21,6 +21,7 @@ import torch
 from ..callbacks.base import Callback, Context, Signal
 from ..callbacks.guard import Versions, checked_state
 from ..errors import FitError
+from ._run import to_tree
 
 if TYPE_CHECKING:
     from ._loop import Loop
@@ -137,8 +138,6 @@ def save(loop: Loop, path: str | Path, agreed: bool = True) -> None:
     if not loop.writes:
         return
     run = loop.snapshot()
-    from ._run import to_tree
-
     metadata = dict(loop.metadata)
     view, ctx = types.MappingProxyType(to_tree(run)), context(loop, "train")
     versions = Versions(ctx.state)
