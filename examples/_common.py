@@ -16,7 +16,7 @@ import torch
 
 import lightfn as lf
 
-__all__ = ["example_parser", "setup"]
+__all__ = ["example_parser", "setup", "jit_arg", "describe_jit"]
 
 
 def _int_or_fraction(text: str) -> int | float:
@@ -38,6 +38,11 @@ def example_parser(
     parser.add_argument("--batch-size", type=int, default=batch_size, help=f"default {batch_size}")
     parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
     parser.add_argument("--no-jit", action="store_true", help="run eagerly instead of compiling the steps")
+    parser.add_argument(
+        "--jit-mode", choices=("auto", "sync", "background"), default="auto",
+        help="when the steps compile: background (train eagerly at once, switch when the compiled graphs are built; "
+        "a later run loads them), sync (before the first step), auto (fit's default: background on one CPU process)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=threads,
@@ -45,6 +50,22 @@ def example_parser(
         "gain little from more, and spinning threads stall badly when other jobs share the cores",
     )
     return parser
+
+
+def jit_arg(args: argparse.Namespace) -> bool | str:
+    """fit's ``jit`` argument from ``--no-jit`` / ``--jit-mode``."""
+    if args.no_jit:
+        return False
+    return True if args.jit_mode == "auto" else args.jit_mode
+
+
+def describe_jit(args: argparse.Namespace) -> str:
+    """How the run compiles, for the example's first line."""
+    if args.no_jit:
+        return "eagerly"
+    if args.jit_mode == "sync":
+        return "compiled with lf.jit before the first step"
+    return "compiled with lf.jit in the background (eager steps until the graphs are built or loaded)"
 
 
 def setup(args: argparse.Namespace) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 import lightfn as lf
 from lightfn.fit import fit
 
-from _common import example_parser, setup
+from _common import describe_jit, example_parser, jit_arg, setup
 from _data import load_mnist
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     printer = lf.callbacks.ProgressLog(max_epochs=args.max_epochs)  # one line per epoch, terminal or not
 
     n_params = lf.tree.size(state.params)
-    how = "eagerly" if args.no_jit else "compiled with lf.jit (the first steps include compilation)"
+    how = describe_jit(args)
     print(f"training 784-64-3-64-784 autoencoder ({n_params:,} params), Adam lr {args.lr:g}, batch {args.batch_size}, "
           f"{len(train)} steps/epoch, {args.max_epochs} epoch(s), {how}, {torch.get_num_threads()} CPU thread(s)")
     t_fit = time.monotonic()
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         val_data=val, eval_step=lf.eval_step(loss_fn),
         max_epochs=args.max_epochs, max_steps=args.max_steps,
         limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
-        jit=not args.no_jit, callbacks=[checkpoint, printer], loggers=[tensorboard, csv],
+        jit=jit_arg(args), callbacks=[checkpoint, printer], loggers=[tensorboard, csv],
         hparams={"lr": args.lr, "batch_size": args.batch_size, "max_epochs": args.max_epochs, "seed": args.seed, "data": data.source},
     )
     t_fit = time.monotonic() - t_fit

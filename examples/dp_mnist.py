@@ -31,7 +31,7 @@ from torch import nn
 import lightfn as lf
 from lightfn.fit import fit
 
-from _common import example_parser, setup
+from _common import describe_jit, example_parser, jit_arg, setup
 from _data import load_mnist
 
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     logger = lf.loggers.CSVLogger(args.out, name="")
     printer = lf.callbacks.ProgressLog(max_epochs=args.max_epochs)
 
-    how = "eagerly" if args.no_jit else "compiled with lf.jit (the first steps include compilation)"
+    how = describe_jit(args)
     print(f"DP-SGD on a 784-{args.hidden}-10 tanh MLP ({lf.tree.size(params):,} params): clip C={args.clip:g}, "
           f"noise sigma={args.noise:g}, Poisson rate q={q:.4g} (expected batch {train.expected_batch_size:.0f}, "
           f"capacity {train.batch_size}), SGD lr {args.lr:g} momentum 0.9, {len(train)} steps/epoch, "
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         step, state, train, val_data=val, eval_step=lf.eval_step(loss_fn),
         max_epochs=args.max_epochs, max_steps=args.max_steps,
         limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
-        jit=not args.no_jit, callbacks=[budget, printer], loggers=[logger],
+        jit=jit_arg(args), callbacks=[budget, printer], loggers=[logger],
         hparams={"lr": args.lr, "expected_batch": args_batch, "clip": args.clip, "noise": args.noise, "delta": args.delta,
                  "seed": args.seed, "data": data.source},
     )

@@ -28,7 +28,7 @@ from torch import nn
 import lightfn as lf
 from lightfn.fit import fit
 
-from _common import example_parser, setup
+from _common import describe_jit, example_parser, jit_arg, setup
 from _data import load_mnist
 
 DEFAULT_LRS = "3e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2"
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     train = lf.data.ArrayLoader((data.train_images, data.train_labels), batch_size=args.batch_size, seed=args.seed)
     val = lf.data.ArrayLoader((data.val_images, data.val_labels), batch_size=500, shuffle=False, drop_last=False)
     logger = lf.loggers.CSVLogger(args.out, name="")
-    how = "eagerly" if args.no_jit else "compiled with lf.jit (the first step includes compilation)"
+    how = describe_jit(args)
     print(f"training {len(lrs)} MLPs 784-128-10 ({lf.tree.size(params):,} params each) as one ensemble, Adam with "
           f"lr in {lrs}, batch {args.batch_size}, {len(train)} steps/epoch, {args.max_epochs} epochs, {how}")
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         step, state, train, val_data=val, eval_step=eval_step,
         max_epochs=args.max_epochs, max_steps=args.max_steps,
         limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
-        jit=not args.no_jit, callbacks=[lf.callbacks.ProgressLog(max_epochs=args.max_epochs)], loggers=[logger],
+        jit=jit_arg(args), callbacks=[lf.callbacks.ProgressLog(max_epochs=args.max_epochs)], loggers=[logger],
         log_every_n_steps=10, hparams={"lrs": lrs, "batch_size": args.batch_size, "seed": args.seed, "data": data.source},
     )
     logger.close()

@@ -28,7 +28,7 @@ from torch import nn
 import lightfn as lf
 from lightfn.fit import fit
 
-from _common import example_parser, setup
+from _common import describe_jit, example_parser, jit_arg, setup
 from _data import load_mnist
 
 LATENT = 64
@@ -115,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = lf.callbacks.ModelCheckpoint(logger.log_dir / "checkpoints", save_last=True)
     printer = lf.callbacks.ProgressLog(max_epochs=args.max_epochs)  # one line per epoch, terminal or not
 
-    how = "eagerly" if args.no_jit else "compiled with lf.jit (the first steps include compilation)"
+    how = describe_jit(args)
     print(f"training an MLP GAN (generator {lf.tree.size(g_params):,} params, discriminator {lf.tree.size(d_params):,}), "
           f"two Adam optimizers lr {args.lr:g}, batch {args.batch_size}, {len(train)} steps/epoch, {args.max_epochs} epoch(s), {how}")
     state = fit(
         gan_step(generate, discriminate, opt_g, opt_d), state, train,
         max_epochs=args.max_epochs, max_steps=args.max_steps, limit_train_batches=args.limit_train_batches,
-        jit=not args.no_jit, callbacks=[checkpoint, printer], loggers=[logger],
+        jit=jit_arg(args), callbacks=[checkpoint, printer], loggers=[logger],
         hparams={"lr": args.lr, "batch_size": args.batch_size, "latent": LATENT, "seed": args.seed, "data": data.source},
     )
     logger.close()

@@ -36,7 +36,7 @@ from torch import nn
 import lightfn as lf
 from lightfn.fit import fit
 
-from _common import example_parser, setup
+from _common import describe_jit, example_parser, jit_arg, setup
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         # validation: query MSE after the training inner steps (grad ignores eval's no_grad)
         return maml_loss(apply, params, tasks, steps=steps, alpha=alpha)
 
-    how = "eagerly" if args.no_jit else "compiled with lf.jit (the first steps include compilation)"
+    how = describe_jit(args)
     train = lf.data.ArrayLoader(train_tasks, batch_size=args.batch_size, seed=args.seed)
     val = lf.data.ArrayLoader(val_tasks, batch_size=200, shuffle=False, drop_last=False)
     common = dict(max_epochs=args.max_epochs, max_steps=args.max_steps, limit_train_batches=args.limit_train_batches,
-                  limit_val_batches=args.limit_val_batches, jit=not args.no_jit, summary=False)
+                  limit_val_batches=args.limit_val_batches, jit=jit_arg(args), summary=False)
     print(f"MAML: 1-40-40-1 MLP ({lf.tree.size(init_params):,} params), {args.shots}-shot sine tasks, {steps} inner SGD "
           f"step(s) of {alpha:g}, meta-batch {args.batch_size} tasks, Adam lr {args.lr:g}, {len(train)} meta-steps/epoch, "
           f"{args.max_epochs} epoch(s), {how}")

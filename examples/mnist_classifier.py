@@ -23,7 +23,7 @@ from torch import nn
 import lightfn as lf
 from lightfn.fit import fit
 
-from _common import example_parser, setup
+from _common import describe_jit, example_parser, jit_arg, setup
 from _data import load_mnist
 
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = lf.callbacks.ModelCheckpoint(logger.log_dir / "checkpoints", monitor="val/acc", mode="max")
     printer = lf.callbacks.ProgressLog(max_epochs=args.max_epochs)  # one line per epoch, terminal or not
 
-    how = "eagerly" if args.no_jit else "compiled with lf.jit (the first steps include compilation)"
+    how = describe_jit(args)
     print(f"training a CNN with BatchNorm ({lf.tree.size(params):,} params, {lf.tree.size(buffers):,} buffer values), "
           f"Adam lr {args.lr:g}, batch {args.batch_size}, {len(train)} steps/epoch, up to {args.max_epochs} epochs "
           f"(early stopping on val/acc, patience {args.patience}), {how}")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         val_data=val, eval_step=lf.eval_step(make_loss(train=False), with_state=True),
         max_epochs=args.max_epochs, max_steps=args.max_steps,
         limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
-        jit=not args.no_jit, callbacks=[early_stopping, checkpoint, printer], loggers=[logger],
+        jit=jit_arg(args), callbacks=[early_stopping, checkpoint, printer], loggers=[logger],
         hparams={"lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "data": data.source},
     )
     logger.close()

@@ -39,7 +39,7 @@ from torch import nn
 import lightfn as lf
 from lightfn.fit import fit
 
-from _common import example_parser, setup
+from _common import describe_jit, example_parser, jit_arg, setup
 
 _NOUNS = ("cat", "dog", "bird", "fish", "fox", "horse", "mouse", "owl")
 _ADJECTIVES = ("red", "small", "big", "old", "quick", "lazy", "green", "happy")
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = lf.callbacks.ModelCheckpoint(logger.log_dir / "checkpoints", monitor="val/loss", save_last=True)
     printer = lf.callbacks.ProgressLog(max_epochs=args.max_epochs)
 
-    how = "eagerly" if args.no_jit else "compiled with lf.jit (the first steps include compilation)"
+    how = describe_jit(args)
     print(f"training a {args.layers}-layer causal transformer, width {args.width} ({lf.tree.size(params):,} params), "
           f"bf16-mixed, AdamW peak lr {args.lr:g} (warmup {args.warmup}, cosine to {updates} updates), clip {args.clip:g}, "
           f"batch {args.batch_size} x {args.accumulate} accumulated, {len(train)} batches/epoch, {args.max_epochs} epoch(s), {how}")
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         val_data=val, eval_step=lf.eval_step(eval_loss_fn, precision="bf16-mixed"),
         max_epochs=args.max_epochs, max_steps=args.max_steps,
         limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
-        jit=not args.no_jit, callbacks=[perplexity, checkpoint, printer], loggers=[logger],
+        jit=jit_arg(args), callbacks=[perplexity, checkpoint, printer], loggers=[logger],
         hparams={"lr": args.lr, "batch_size": args.batch_size, "accumulate": args.accumulate, "context": args.context,
                  "width": args.width, "layers": args.layers, "seed": args.seed, "data": source},
     )

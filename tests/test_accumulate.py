@@ -23,7 +23,7 @@ def test_untraceable_step_that_runs_eagerly_is_told_to_use_jit_false():
 
     state = lf.TrainState.create(params=params, optimizer=opt)
     with pytest.raises(lf.CompileError, match="could not trace") as info:
-        lf.fit(lf.train_step(loss_fn, opt), state, loader, max_epochs=1, progress=False)
+        lf.fit(lf.train_step(loss_fn, opt), state, loader, max_epochs=1, jit="sync", progress=False)
     assert "pass jit=False" in str(info.value)
     assert torch.equal(state.params["w"], torch.zeros(3)) and state.step.item() == 0
     # and the advice is right: eagerly it trains
@@ -40,7 +40,7 @@ def test_step_broken_eagerly_too_is_not_told_to_use_jit_false():
 
     state = lf.TrainState.create(params=params, optimizer=opt)
     with pytest.raises(lf.StepError, match="fails when run eagerly too") as info:
-        lf.fit(step, state, loader, max_epochs=1, progress=False)
+        lf.fit(step, state, loader, max_epochs=1, jit="sync", progress=False)
     assert "pass jit=False" not in str(info.value) and "would not help" in str(info.value)
 
 

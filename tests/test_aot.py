@@ -285,7 +285,7 @@ def test_fit_with_the_cache_trains_bitwise_like_fit_without(monkeypatch, tmp_pat
 
         out = lf.fit(lf.train_step(lambda p, b: loss_fn(p, b[0]), step.optimizer), fresh, data,
                      val_data=data, eval_step=lf.eval_step(lambda p, b: loss_fn(p, b[0])),
-                     max_epochs=2, progress=False, num_sanity_val_steps=0, callbacks=[Log()])
+                     max_epochs=2, jit="sync", progress=False, num_sanity_val_steps=0, callbacks=[Log()])
         return out, log
 
     results = {}

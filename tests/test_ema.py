@@ -177,7 +177,7 @@ def test_compiled_fit_validates_the_average_and_reports_batch_metrics():
             self.losses.append(float(ctx.batch_metrics["val/loss"]))
 
     ema, batches, logger = EMA(0.8), Batches(), MemoryLogger()
-    state = run([ema, batches], loggers=[logger], jit=True, max_epochs=2, num_sanity_val_steps=0)
+    state = run([ema, batches], loggers=[logger], jit="sync", max_epochs=2, num_sanity_val_steps=0)
     _, _, _, val = setup()
     expected = lf.validate(lf.eval_step(loss_fn), state.replace(params=ema.params), val)["val/loss"]
     assert logger.values("val/loss")[-1][1] == pytest.approx(expected, rel=1e-5)

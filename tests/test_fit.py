@@ -598,7 +598,7 @@ def test_compiled_fit_matches_eager_and_never_touches_the_callers_state():
     step = lf.train_step(loss_fn, opt)
     ev = lf.eval_step(loss_fn)
     mem_c, mem_e = MemoryLogger(), MemoryLogger()
-    compiled = fit(step, state, loader, val_data=loader, eval_step=ev, max_epochs=3, jit=True, progress=False,
+    compiled = fit(step, state, loader, val_data=loader, eval_step=ev, max_epochs=3, jit="sync", progress=False,
                    loggers=[mem_c], log_every_n_steps=2)
     eager = fit(step, state, loader, val_data=loader, eval_step=ev, max_epochs=3, jit=False, progress=False,
                 loggers=[mem_e], log_every_n_steps=2)

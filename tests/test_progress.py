@@ -121,7 +121,7 @@ def test_a_jit_step_that_does_not_compile_is_not_said_to_compile(capsys):
 @pytest.mark.compile
 def test_the_first_compiled_step_is_announced_with_its_duration(capsys):
     record = Record()
-    out = run(callbacks=[record], jit=True, max_epochs=2)
+    out = run(callbacks=[record], jit="sync", max_epochs=2)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "compiling the train step (its first call)..."
     assert re.fullmatch(r"train step compiled in \d+\.\d s", lines[1]), lines[1]

@@ -13,6 +13,7 @@ small graph.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 import lightfn as lf
+from lightfn._compile import aot as _aot
 from lightfn.callbacks import EarlyStopping, ModelCheckpoint
 from lightfn.fit import FitError, fit
 from memory_logger import MemoryLogger
@@ -65,7 +67,7 @@ def _env():
 def _worker(base, *runs, jit=False):
     """Start the worker: one forked child per ``(name, when)``, interrupted as asked."""
     cmd = [sys.executable, str(WORKERS / "resume_worker.py"), str(base), *(f"{n}={w}" for n, w in runs)]
-    cmd += ["--jit"] if jit else []
+    cmd += ["--jit", jit] if jit else []
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -258,11 +260,41 @@ def test_a_run_stopped_by_max_steps_mid_epoch_resumes_the_rest_of_that_epoch(tmp
 def test_compiled_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
     # 5 equal batches per epoch, one fused graph (step + metric sums, donated state); saves
     # every 3 steps; killed after step 8, so it resumes from step 6 and redoes 7 and 8
-    proc = _worker(tmp_path, ("killed", "step:8"), jit=True)
-    ref = _fit(tmp_path / "ref", jit=True, max_epochs=3)
+    proc = _worker(tmp_path, ("killed", "step:8"), jit="sync")
+    ref = _fit(tmp_path / "ref", jit="sync", max_epochs=3)
     statuses, err = _statuses(proc, timeout=600)
     assert statuses == {"killed": -signal.SIGKILL}, err[-3000:]
     assert lf.load(tmp_path / "killed" / "last.safetensors", subtree="loop")["step"] == 6
-    resumed = _fit(tmp_path / "killed", jit=True, max_epochs=3, resume_from="last")
+    resumed = _fit(tmp_path / "killed", jit="sync", max_epochs=3, resume_from="last")
     assert int(resumed.state.step) == 15
     assert_bit_identical(resumed.state, ref.state)
+
+
+@pytest.mark.compile
+def test_background_compiled_run_killed_after_its_switch_resumes_bit_identical(tmp_path, monkeypatch):
+    # jit="background": epoch 0 (steps 1-5) eager while a child builds the graph; with
+    # LIGHTFN_BACKGROUND_WAIT=1 the switch waits for it at epoch 0's end, so steps 6+ are
+    # compiled in every run. The killed run's checkpoint at step 6 records the switch at
+    # step 5; resumed there it must run compiled from its first step, loading the artifact
+    # its interrupted run built, and end with the reference's bits. The reference builds
+    # in a cache of its own, so it too starts eagerly.
+    monkeypatch.setenv("LIGHTFN_BACKGROUND_WAIT", "1")
+    monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path / "cache-killed"))
+    proc = _worker(tmp_path, ("killed", "step:8"), jit="background")
+    monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path / "cache-ref"))
+    ref = _fit(tmp_path / "ref", jit="background", max_epochs=3)
+    statuses, err = _statuses(proc, timeout=600)
+    assert statuses == {"killed": -signal.SIGKILL}, err[-3000:]
+    loop = lf.load(tmp_path / "killed" / "last.safetensors", subtree="loop")
+    assert loop["step"] == 6 and json.loads(loop["compiled"]) == {"train": 5}
+    assert json.loads(lf.load(tmp_path / "ref" / "last.safetensors", subtree="loop")["compiled"]) == {"train": 5}
+
+    monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path / "cache-killed"))
+    _aot.reset_stats()
+    resumed = _fit(tmp_path / "killed", jit="background", max_epochs=3, resume_from="last")
+    assert _aot.stats()["loads"] == 1 and _aot.stats()["traces"] == 0  # loaded, not built again
+    assert int(resumed.state.step) == 15
+    assert_bit_identical(resumed.state, ref.state)
+    # The test has teeth: eager steps after step 5 would end elsewhere.
+    eager = _fit(tmp_path / "eager", jit=False, max_epochs=3)
+    assert any(not torch.equal(a, b) for a, b in zip(lf.tree.leaves(eager.state), lf.tree.leaves(ref.state)))

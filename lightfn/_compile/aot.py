@@ -43,12 +43,12 @@ import torch
 
 from .. import tree
 from .key import Unfingerprintable, fingerprint, lightfn_source_hash
-from .store import evict, load, open_package, read_manifest, write_package
+from .store import build_lock, evict, load, open_package, read_manifest, write_package
 from .cache import cache_dir, write_text_atomic
 from .._diagnostics import first_line
 from ..errors import LightfnError
 
-__all__ = ["CachedStep", "Unsupported", "compile_cached", "stats", "reset_stats", "artifact_key", "enabled_by_env"]
+__all__ = ["CachedStep", "Unsupported", "Prepared", "compile_cached", "prepare", "stats", "reset_stats", "artifact_key", "enabled_by_env"]
 
 _FORMAT = "lightfn-aot-1"
 # Options that change how inductor gets its answer, not the answer: left out of the key.
@@ -312,8 +312,14 @@ def compile_cached(
     options: dict[str, Any] | None = None,
     folder: Path | None = None,
     build_options: Callable[[], dict[str, Any]] | None = None,
-) -> CachedStep:
+    build: bool = True,
+    load_step: bool = True,
+) -> CachedStep | None:
     """Load (or build, store and load) the compiled ``fn`` for arguments like ``args``.
+
+    ``build=False``: only load; ``None`` when the cache has no artifact (nothing is traced).
+    ``load_step=False``: only make sure the artifact is stored (build it if missing) and
+    return ``None`` (a background builder, :mod:`lightfn._compile.background`).
 
     ``dynamic_argnums``: positional arguments whose tensors' dim 0 is a dynamic batch dim.
     ``options``: inductor options (part of the key); ``build_options()``: more options
@@ -325,6 +331,20 @@ def compile_cached(
     kwargs = kwargs or {}
     options = dict(options or {})
     folder = folder if folder is not None else cache_dir() / "aot"
+    inputs, key, step = _find(fn, args, kwargs, dynamic_argnums, options, folder, load_step)
+    if step is None and build:
+        with build_lock(folder):
+            # Another process may have built it while this one waited for the lock.
+            inputs, key, step = _find(fn, args, kwargs, dynamic_argnums, options, folder, load_step)
+            if step is None:
+                step = _build(fn, args, kwargs, inputs, key, dynamic_argnums=dynamic_argnums, options=options,
+                              folder=folder, build_options=build_options, load_step=load_step)
+    return None if step is _STORED else step
+
+
+def _find(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_argnums: Sequence[int],
+          options: dict[str, Any], folder: Path, load_step: bool) -> tuple[Inputs, str, Any]:
+    """``(inputs, key, step)``: the step is the loaded artifact (or _STORED), None on a miss."""
     inputs = Inputs(args, kwargs, dynamic_argnums, static=False)
     key = _key(fn, inputs, options)
     manifest = _existing(folder, key)
@@ -332,39 +352,114 @@ def compile_cached(
         inputs = Inputs(args, kwargs, dynamic_argnums, static=True)  # graph valid for one batch size
         key = _key(fn, inputs, options)
         manifest = _existing(folder, key)
-    static = not any(inputs.dynamic)
-    if manifest is not None:
+    if manifest is None:
+        return inputs, key, None
+    return inputs, key, _load(folder, key, manifest, dynamic_argnums, not any(inputs.dynamic), load_step)
+
+
+_STORED = object()  # _load's answer when the artifact is verified but not wanted in this process
+
+
+def _load(folder: Path, key: str, manifest: dict[str, Any], dynamic_argnums: Sequence[int], static: bool,
+          load_step: bool) -> Any:
+    """The loaded step (or _STORED), or None when the artifact must be (re)built."""
+    if not load_step:
+        return _STORED if (folder / str(manifest.get("package", ""))).is_file() else None
+    try:
+        model = load(folder, key, manifest)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, OSError) as e:
+        warnings.warn(f"lightfn AOT cache: artifact {key} is corrupted ({e}); rebuilding it", stacklevel=4)
+        count("rebuilds")
+        return None
+    count("loads")
+    return CachedStep(model, manifest["out_spec"], path=folder / manifest["package"], dynamic_argnums=dynamic_argnums,
+                      static=static)
+
+
+def _build(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], inputs: Inputs, key: str, *,
+           dynamic_argnums: Sequence[int], options: dict[str, Any], folder: Path,
+           build_options: Callable[[], dict[str, Any]] | None, load_step: bool) -> CachedStep | None:
+    prepared = _prepare(fn, args, kwargs, inputs, key, dynamic_argnums=dynamic_argnums, options=options,
+                        folder=folder, load_step=load_step)
+    if not isinstance(prepared, Prepared):
+        return None if prepared is _STORED else prepared  # found under the exact-size key
+    return prepared.package(build_options, load_step=load_step)
+
+
+class Prepared:
+    """A captured and exported step, not yet compiled: :meth:`package` compiles it with
+    AOTInductor and stores it (the slow half, which needs no autograd)."""
+
+    def __init__(self, ep: Any, out_spec: Any, *, key: str, folder: Path, options: dict[str, Any],
+                 dynamic_argnums: Sequence[int], static: bool) -> None:
+        self.ep, self.out_spec, self.key, self.folder = ep, out_spec, key, folder
+        self.options, self.dynamic_argnums, self.static = options, tuple(dynamic_argnums), static
+
+    def package(self, build_options: Callable[[], dict[str, Any]] | None = None, *,
+                load_step: bool = False) -> CachedStep | None:
+        folder, key = self.folder, self.key
         try:
-            model = load(folder, key, manifest)
-        except FileNotFoundError:
-            pass
-        except (ValueError, KeyError, OSError) as e:
-            warnings.warn(f"lightfn AOT cache: artifact {key} is corrupted ({e}); rebuilding it", stacklevel=3)
-            count("rebuilds")
-        else:
-            count("loads")
-            return CachedStep(model, manifest["out_spec"], path=folder / manifest["package"], dynamic_argnums=dynamic_argnums, static=static)
+            built_with = self.options if build_options is None else {**build_options(), **self.options}
+            path, size, sha = write_package(folder, key, self.ep, built_with)
+        except (LightfnError, Unsupported):
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever AOTInductor refuses
+            raise Unsupported(first_line(e)) from e
+        manifest = {"key": key, "package": path.name, "size": size, "sha256": sha, "out_spec": self.out_spec,
+                    "torch": torch.__version__}
+        write_text_atomic(folder / f"{key}.json", json.dumps(manifest))
+        count("builds")
+        evict(folder, keep=key)
+        if not load_step:
+            return None
+        return CachedStep(open_package(path), self.out_spec, path=path, dynamic_argnums=self.dynamic_argnums,
+                          static=self.static)
+
+
+def prepare(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *,
+            dynamic_argnums: Sequence[int] = (), options: dict[str, Any] | None = None,
+            folder: Path | None = None) -> Prepared | None:
+    """Capture and export ``fn`` for arguments like ``args`` (None when the cache already
+    holds it): the half of a build that runs autograd, for a process whose forked children
+    cannot (:mod:`lightfn._compile.background`). Raises :class:`Unsupported`."""
+    kwargs = kwargs or {}
+    options = dict(options or {})
+    folder = folder if folder is not None else cache_dir() / "aot"
+    inputs, key, step = _find(fn, args, kwargs, dynamic_argnums, options, folder, load_step=False)
+    if step is not None:
+        return None
+    prepared = _prepare(fn, args, kwargs, inputs, key, dynamic_argnums=dynamic_argnums, options=options,
+                        folder=folder, load_step=False)
+    return prepared if isinstance(prepared, Prepared) else None
+
+
+def _prepare(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], inputs: Inputs, key: str, *,
+             dynamic_argnums: Sequence[int], options: dict[str, Any], folder: Path, load_step: bool) -> Any:
+    """A :class:`Prepared` step, or what the cache holds under the exact-size key."""
+    static = not any(inputs.dynamic)
     try:
         gm, out_spec, guarded = _capture(fn, inputs)
         if guarded and not static:
             # Python branched on the batch size: record that, and build for this size only.
             write_text_atomic(folder / f"{key}.json", json.dumps({"key": key, "static": True}))
-            return compile_cached(fn, args, kwargs, dynamic_argnums=dynamic_argnums, options=options, folder=folder,
-                                  build_options=build_options)
+            static_inputs = Inputs(args, kwargs, dynamic_argnums, static=True)
+            static_key = _key(fn, static_inputs, options)
+            manifest = _existing(folder, static_key)
+            if manifest is not None:
+                step = _load(folder, static_key, manifest, dynamic_argnums, True, load_step)
+                if step is not None:
+                    return step
+            return _prepare(fn, args, kwargs, static_inputs, static_key, dynamic_argnums=dynamic_argnums,
+                            options=options, folder=folder, load_step=load_step)
         ep = _export(gm, inputs)
-        built_with = options if build_options is None else {**build_options(), **options}
-        path, size, sha = write_package(folder, key, ep, built_with)
     except (LightfnError, Unsupported):
         raise
-    except Exception as e:  # noqa: BLE001 - whatever capture, export or AOTInductor refuse
+    except Exception as e:  # noqa: BLE001 - whatever capture or export refuse
         raise Unsupported(first_line(e)) from e
-    manifest = {"key": key, "package": path.name, "size": size, "sha256": sha, "out_spec": out_spec,
-                "torch": torch.__version__}
-    write_text_atomic(folder / f"{key}.json", json.dumps(manifest))
-    count("builds")
-    evict(folder, keep=key)
-    model = open_package(path)
-    return CachedStep(model, out_spec, path=path, dynamic_argnums=dynamic_argnums, static=static)
+    return Prepared(ep, out_spec, key=key, folder=folder, options=options, dynamic_argnums=dynamic_argnums,
+                    static=static)
 
 
 def _existing(folder: Path, key: str) -> dict[str, Any] | None:

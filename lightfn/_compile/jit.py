@@ -118,8 +118,43 @@ class Jitted:
             remember_isa_probe()
         return out
 
-    def _cached_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-        """``(CachedStep, inputs)`` for this call, or ``(None, None)`` after a fallback."""
+    def cached(self, *args: Any, **kwargs: Any) -> Callable[..., Any] | None:
+        """The compiled function applied to these arguments, as a function of no arguments,
+        if the AOT cache holds it (loaded once per signature); else None. Nothing is traced
+        or built, and nothing warns (a background build reports its own failure)."""
+        try:
+            step, inputs = self._cached_step(args, kwargs, build=False)
+        except _aot.Unsupported:
+            return None
+        if step is None:
+            return None
+        return functools.partial(step.call_flat, inputs.tensors, inputs.arg_defs)
+
+    def store(self, *args: Any, **kwargs: Any) -> None:
+        """Build the AOT artifact for arguments like these into the cache (if missing),
+        without loading it: what a background builder runs. Raises ``Unsupported``."""
+        _aot.compile_cached(self._target, args, kwargs, dynamic_argnums=self._batch_argnums(args),
+                            options=dict(self._compile_kwargs.get("options", {})),
+                            build_options=isa_options if self._isa else None, load_step=False)
+        remember_isa_probe()
+
+    def prepare(self, *args: Any, **kwargs: Any) -> Callable[[], None]:
+        """Capture and export now (in this process); return the rest of :meth:`store`
+        (compile and store), which needs no autograd. Raises ``Unsupported``."""
+        prepared = _aot.prepare(self._target, args, kwargs, dynamic_argnums=self._batch_argnums(args),
+                                options=dict(self._compile_kwargs.get("options", {})))
+
+        def package() -> None:
+            if prepared is not None:
+                prepared.package(isa_options if self._isa else None)
+                remember_isa_probe()
+
+        return package
+
+    def _cached_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], build: bool = True) -> tuple[Any, Any]:
+        """``(CachedStep, inputs)`` for this call, or ``(None, None)`` after a fallback
+        (or, with ``build=False``, when the cache has no artifact; then ``Unsupported``
+        propagates instead of turning the cache off)."""
         nums = self._batch_argnums(args)
         try:
             inputs = _aot.Inputs(args, kwargs, nums, static=False)
@@ -132,7 +167,9 @@ class Jitted:
             if step is None:
                 options = dict(self._compile_kwargs.get("options", {}))
                 step = _aot.compile_cached(self._target, args, kwargs, dynamic_argnums=nums, options=options,
-                                           build_options=isa_options if self._isa else None)
+                                           build_options=isa_options if self._isa else None, build=build)
+                if step is None:  # not built (build=False)
+                    return None, None
                 self._cached[sig] = step
                 if step.static and any(inputs.dynamic):
                     self._cached[("exact", _aot.Inputs(args, kwargs, nums, static=True).signature())] = step
@@ -140,6 +177,8 @@ class Jitted:
                     self._isa_recorded = True
                     remember_isa_probe()
         except _aot.Unsupported as e:
+            if not build:
+                raise
             self.cache = False
             _aot.count("fallbacks")
             warnings.warn(

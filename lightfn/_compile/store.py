@@ -3,8 +3,10 @@
 One folder, ``<lightfn cache>/aot``: per key a manifest ``<key>.json`` (the package's file
 name, size and sha256, and the output structure) and the package ``<key>-<sha>.pt2``. The
 package is compiled into a temporary file and moved into place before its manifest is, both
-atomically (``os.replace``), so concurrent processes see a whole artifact or none; two
-processes building the same key both finish, the last manifest wins. A package whose size
+atomically (``os.replace``), so concurrent processes see a whole artifact or none. Builds
+take the folder's lock (:func:`build_lock`, one build at a time per folder), and a process
+that waited for it looks for the artifact again first: two processes needing the same key
+build it once. A package whose size
 or sha256 differs from its manifest is never loaded. The folder is bounded
 (``LIGHTFN_AOT_CACHE_MB``, default 2048): after each build the least recently used
 artifacts (by the manifest's mtime, touched on every load) are removed.
@@ -12,19 +14,22 @@ artifacts (by the manifest's mtime, touched on every load) are removed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from .._diagnostics import first_line
 
-__all__ = ["open_package", "read_manifest", "load", "write_package", "evict"]
+__all__ = ["open_package", "read_manifest", "load", "write_package", "evict", "build_lock"]
 
 
 def _limit_bytes() -> int:
@@ -127,3 +132,19 @@ def evict(folder: Path, keep: str) -> None:
         for f in files:  # the manifest first: a reader then sees a miss, not a missing package
             f.unlink(missing_ok=True)
         total -= size
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """Hold the folder's build lock (an ``flock``, released by the OS if the holder dies).
+
+    Builds are serialized per cache folder: on a small machine two concurrent builds only
+    slow each other down, and the second usually wants what the first is building.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

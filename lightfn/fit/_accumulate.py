@@ -40,7 +40,10 @@ from .. import metrics as lf_metrics
 from .. import tree
 from .._members import flat_names, flatten, group_means, state_members
 from ..errors import FitError
+from .._compile import aot
+from .._compile.background import Builder
 from .._compile.jit import Jitted, jit, jit_disabled
+from ._background import Deferred
 from ._checks import Acc, abstract_eval, check_acc, check_metrics, check_train_output
 from . import _layouts as layouts
 from ._steps import classify
@@ -124,7 +127,7 @@ class AccumulatingTrainStep:
     """
 
     def __init__(self, step: Callable[..., Any], *, compile: bool, expected_names: tuple[str, ...] | None = None,
-                 compute_metrics: lf_metrics.ComputeFn | None = None) -> None:
+                 compute_metrics: lf_metrics.ComputeFn | None = None, builder: Builder | None = None) -> None:
         self.step = step
         self.fused = compile and not classify(step).jitted
         self.keys: tuple[str, ...] = ()  # the step's metric names
@@ -132,6 +135,8 @@ class AccumulatingTrainStep:
         self.expected_names = expected_names
         self.compute_metrics = compute_metrics
         self._compiled: Jitted | None = None
+        # With a builder the fused graph compiles in the background (lightfn/fit/_background.py).
+        self.deferred = Deferred("train", builder) if self.fused and builder is not None else None
 
     @property
     def acc_names(self) -> tuple[str, ...] | None:
@@ -154,6 +159,8 @@ class AccumulatingTrainStep:
             return self._compiled.compiled
         if not self.fused and classify(self.step).jitted:
             return self.step.compiled
+        if self.deferred is not None and not self.deferred.must_compile:
+            return False  # the first call runs eagerly (or loads the artifact)
         return self.fused and not jit_disabled()
 
     def __call__(self, state: Any, acc: Acc | None, batch: Any) -> tuple[Any, Acc, dict[str, torch.Tensor]]:
@@ -161,31 +168,56 @@ class AccumulatingTrainStep:
             return self._first(state, acc, batch)
         if self._compiled is not None:
             return self._compiled(state, acc, batch)
+        if self.deferred is not None and (run := self.deferred.call(state, acc, batch)) is not None:
+            return run()
         new_state, metrics = self.step(state, batch)
         return new_state, _accumulate_all_(acc, metrics, self.keys, batch_size(batch)), lf_metrics.split(metrics)[0]
 
     def _first(self, state: Any, acc: Acc | None, batch: Any) -> tuple[Any, Acc, dict[str, torch.Tensor]]:
-        if self.fused:
-            known = layouts.recall("train", self.step, state, batch)
+        deferred, jitted = self.deferred, None
+        cached = deferred is not None or aot.enabled_by_env()  # layouts live beside AOT artifacts
+        known = layouts.recall("train", self.step, state, batch) if self.fused and cached else None
+        if self.fused and (deferred is None or deferred.must_compile or known is not None):
             if known is None:
                 out = abstract_eval(self.step, state, batch)
                 _, keys = check_train_output(out, state)
                 names, metrics = flat_names(lf_metrics.split(out[1])[0]), out[1]
-                layouts.remember("train", self.step, state, batch, keys, names, bool(lf_metrics.split(metrics)[1]))
+                if cached:
+                    layouts.remember("train", self.step, state, batch, keys, names,
+                                     bool(lf_metrics.split(metrics)[1]))
             else:
                 (keys, names), metrics = known, {}  # remembered: a step without Sum states
             acc = check_acc(acc, names, self.expected_names, metrics, tree.device_of(state))
             self._check_computable(acc)
             self.keys, self.names = keys, names
-            self._compiled = jit(functools.partial(_train_and_accumulate, self.step, self.keys), donate=True)
-            return self._compiled(state, acc, batch)
-        out = self.step(state, batch)
-        new_state, keys = check_train_output(out, state)
-        names = flat_names(lf_metrics.split(out[1])[0])
-        acc = check_acc(acc, names, self.expected_names, out[1], tree.device_of(new_state))
-        self._check_computable(acc)
-        self.keys, self.names = keys, names
-        return new_state, _accumulate_all_(acc, out[1], keys, batch_size(batch)), lf_metrics.split(out[1])[0]
+            jitted = self._fused(cache=deferred is not None)
+            if deferred is None:
+                self._compiled = jitted
+                return jitted(state, acc, batch)
+            run = deferred.warm(jitted, state, acc, batch)
+            if run is not None:
+                return run()
+            out = self.step(state, batch)  # not in the cache yet: this call runs eagerly
+            new_state, _ = check_train_output(out, state)
+        else:
+            out = self.step(state, batch)
+            new_state, keys = check_train_output(out, state)
+            names = flat_names(lf_metrics.split(out[1])[0])
+            acc = check_acc(acc, names, self.expected_names, out[1], tree.device_of(new_state))
+            self._check_computable(acc)
+            self.keys, self.names = keys, names
+            if deferred is not None:
+                layouts.remember("train", self.step, state, batch, keys, names, bool(lf_metrics.split(out[1])[1]))
+                jitted = self._fused(cache=True)
+        acc = _accumulate_all_(acc, out[1], self.keys, batch_size(batch))
+        if deferred is not None and jitted is not None:
+            deferred.defer(jitted, new_state, acc, batch, first=True)
+        return new_state, acc, lf_metrics.split(out[1])[0]
+
+    def _fused(self, *, cache: bool) -> Jitted:
+        """The step and its accumulation as one donated ``lf.jit`` function."""
+        return jit(functools.partial(_train_and_accumulate, self.step, self.keys), donate=True,
+                   cache=True if cache else None)
 
     def _check_computable(self, acc: Acc) -> None:
         # Without compute_metrics a non-scalar state cannot be logged: say so now, not at
@@ -209,7 +241,8 @@ class AccumulatingEvalStep:
     values (:meth:`values`).
     """
 
-    def __init__(self, step: Callable[..., Any], *, compile: bool, compute_metrics: lf_metrics.ComputeFn | None = None) -> None:
+    def __init__(self, step: Callable[..., Any], *, compile: bool, compute_metrics: lf_metrics.ComputeFn | None = None,
+                 builder: Builder | None = None) -> None:
         self.step = step
         self.fused = compile and not classify(step).jitted
         self.keys: tuple[str, ...] = ()  # the step's averaged metric names
@@ -217,6 +250,12 @@ class AccumulatingEvalStep:
         self.compute_metrics = compute_metrics
         self._compiled: Jitted | None = None
         self._layout: Any = None  # a zero accumulator, copied for each new evaluation run
+        self.deferred = Deferred("eval", builder) if self.fused and builder is not None else None
+
+    @property
+    def layout(self) -> Acc | None:
+        """A zeroed accumulator of this step's layout (None before the first batch)."""
+        return self._layout
 
     def values(self, acc: Acc) -> dict[str, torch.Tensor]:
         """The run's values in ``acc`` (already summed over ranks): means and computed."""
@@ -235,23 +274,43 @@ class AccumulatingEvalStep:
                 acc = zeros_like(self._layout)
             if self._compiled is not None:
                 return self._compiled(state, acc, batch)
+            if self.deferred is not None and (run := self.deferred.call(state, acc, batch)) is not None:
+                return run()
             metrics = self.step(state, batch)
             return _accumulate_all_(acc, metrics, self.keys, batch_size(batch)), lf_metrics.split(metrics)[0]
 
     def _first(self, state: Any, acc: Acc | None, batch: Any) -> tuple[Acc, Mapping[str, torch.Tensor]]:
-        if self.fused:
-            known = layouts.recall("eval", self.step, state, batch)
+        deferred, jitted = self.deferred, None
+        cached = deferred is not None or aot.enabled_by_env()  # layouts live beside AOT artifacts
+        known = layouts.recall("eval", self.step, state, batch) if self.fused and cached else None
+        if self.fused and (deferred is None or deferred.must_compile or known is not None):
             if known is None:
                 metrics = abstract_eval(self.step, state, batch)
                 keys = check_metrics(metrics, "eval step", state_members(state))
                 acc = self._start(acc, keys, metrics, state)
-                layouts.remember("eval", self.step, state, batch, keys, self.names, bool(lf_metrics.split(metrics)[1]))
+                if cached:
+                    layouts.remember("eval", self.step, state, batch, keys, self.names,
+                                     bool(lf_metrics.split(metrics)[1]))
             else:
                 acc = self._start(acc, known[0], {}, state, names=known[1])
-            self._compiled = jit(functools.partial(_eval_and_accumulate, self.step, self.keys))
-            return self._compiled(state, acc, batch)
-        metrics = self.step(state, batch)
-        acc = self._start(acc, check_metrics(metrics, "eval step", state_members(state)), metrics, state)
+            jitted = jit(functools.partial(_eval_and_accumulate, self.step, self.keys),
+                         cache=True if deferred is not None else None)
+            if deferred is None:
+                self._compiled = jitted
+                return jitted(state, acc, batch)
+            run = deferred.warm(jitted, state, acc, batch)
+            if run is not None:
+                return run()
+            metrics = self.step(state, batch)  # not in the cache yet: this call runs eagerly
+        else:
+            metrics = self.step(state, batch)
+            acc = self._start(acc, check_metrics(metrics, "eval step", state_members(state)), metrics, state)
+            if deferred is not None:
+                layouts.remember("eval", self.step, state, batch, self.keys, self.names,
+                                 bool(lf_metrics.split(metrics)[1]))
+                jitted = jit(functools.partial(_eval_and_accumulate, self.step, self.keys), cache=True)
+        if deferred is not None and jitted is not None:
+            deferred.defer(jitted, state, zeros_like(acc), batch)
         return _accumulate_all_(acc, metrics, self.keys, batch_size(batch)), lf_metrics.split(metrics)[0]
 
     def _start(self, acc: Acc | None, keys: tuple[str, ...], metrics: Mapping[str, Any], state: Any,

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 from .. import tree
+from .._compile.background import Builder
+from .._compile.jit import jit_disabled
 from .._device import resolve_device
 from ..callbacks.base import Callback
 from ..data import num_batches
@@ -64,7 +66,7 @@ def fit(
     limit_val_batches: int | float | None = None,
     fast_dev_run: bool | int = False,
     overfit_batches: int | float = 0,
-    jit: bool = True,
+    jit: bool | str = True,
     device: torch.device | str = "auto",
     precision: str | None = None,
     accumulate_grad_batches: int = 1,
@@ -140,12 +142,18 @@ def fit(
         overfit_batches: train on the same first batches every epoch (an int, or a float
             fraction) and validate on them too: the first batches of ``train_data``'s
             epoch 0, taken once and reused, so no reshuffle ever changes them.
-        jit: compile the step and the eval step with ``lf.jit`` (one graph each, fused with
-            the metric accumulation; the train graph donates the state). ``False`` runs
-            eagerly; a step already wrapped in ``lf.jit`` is used as it is. With
-            ``LIGHTFN_AOT=1`` both graphs (and their metric layouts) come from the
-            ahead-of-time cache, so a later process starts without tracing (README: "the AOT
-            cache").
+        jit: compile the step and the eval step (one graph each, fused with the metric
+            accumulation; the train graph donates the state). ``"background"``: training
+            starts at once, eagerly, while a child process builds both graphs into the
+            ahead-of-time cache; each switches to its compiled graph as soon as it is built
+            (the switch steps are recorded in the run and its checkpoints), and a later run
+            loads them before its first step (:mod:`lightfn.fit._background`: what
+            bit-identical resume means then). ``"sync"``: compile before the first step with
+            ``lf.jit`` (every step compiled; with ``LIGHTFN_AOT=1`` the graphs come from the
+            ahead-of-time cache). ``True`` (default): ``"background"`` for one CPU process
+            and a step not already wrapped in ``lf.jit``, else ``"sync"``. ``False``: eager.
+            A step already wrapped in ``lf.jit`` is used as it is. ``LIGHTFN_DISABLE_JIT=1``
+            makes every mode eager.
         device: ``"auto"`` (CUDA, else MPS, else CPU) or any torch device. The state is
             copied there; batches are moved there without a host sync (a device-resident
             ``ArrayLoader`` needs no move).
@@ -233,9 +241,14 @@ def fit(
         )
         callbacks = hooks.with_defaults(callbacks, progress, plan.train_batches, plan.max_epochs)
         ckpt_dir = hooks.checkpoint_dir(callbacks) if ckpt_dir is None else ckpt_dir
+        mode = jit_mode(jit, step, processes.active, device)
+        builder = Builder() if mode == "background" else None
+        compile_ = mode != "off"
         loop = Loop(
-            plan=plan, train=AccumulatingTrainStep(step, compile=jit, compute_metrics=compute_metrics),
-            evaluate=AccumulatingEvalStep(eval_step, compile=jit, compute_metrics=compute_metrics) if val_sets else None,
+            plan=plan, train=AccumulatingTrainStep(step, compile=compile_, compute_metrics=compute_metrics,
+                                                   builder=builder),
+            evaluate=AccumulatingEvalStep(eval_step, compile=compile_, compute_metrics=compute_metrics,
+                                          builder=builder) if val_sets else None,
             run=Run(state=_copy_to(state, device), data_seed=data_seed(train_data)), train_data=train_data,
             val_sets=val_sets, callbacks=callbacks, loggers=list(loggers), device=device,
             batch_dtype=classify(step).batch_dtype, processes=processes, writes=not fast_dev_run,
@@ -248,6 +261,26 @@ def fit(
             if not hooks.announce(loop, text):
                 print(text, flush=True)
         return processes.finish(loop(hparams))
+
+
+def jit_mode(jit: bool | str, step: Any, distributed: bool, device: torch.device) -> str:
+    """fit's ``jit`` argument as ``"off"``, ``"sync"`` or ``"background"`` (see fit)."""
+    if jit is False or jit == "off":
+        return "off"
+    if jit is not True and jit not in ("sync", "background"):
+        raise FitError(f"jit={jit!r}: use True (the default), False, 'sync' or 'background'")
+    if jit_disabled():
+        return "sync"  # lf.jit runs every graph eagerly
+    # Background builds fork: not after CUDA is initialized, not beside collectives (every
+    # rank would have to switch at the same step).
+    possible = (not distributed and device.type == "cpu" and not classify(step).jitted and hasattr(os, "fork")
+                and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+    if jit == "background" and not possible:
+        raise FitError(
+            "jit='background' needs one CPU process and a step not wrapped in lf.jit (the build runs in a forked "
+            f"child); here device={device}, strategy={'set' if distributed else 'none'}. Use jit='sync' or True"
+        )
+    return "background" if possible and jit != "sync" else "sync"
 
 
 def _resume_path(resume_from: str | os.PathLike[str], ckpt_dir: Path | None) -> Path:

@@ -2,9 +2,10 @@
 
 Before the fused graph's first call, fit must know the step's metric names (the
 accumulator's slots are part of the graph). It learns them by running the step abstractly
-under ``FakeTensorMode``, whose first use imports ``torch._dynamo`` (about 1 s). With the
-ahead-of-time cache on (``LIGHTFN_AOT=1``) the compiled graph itself loads in a fraction of
-that, so the names are remembered too: a small JSON file under lightfn's cache folder, keyed
+under ``FakeTensorMode``, whose first use imports ``torch._dynamo`` (about 1 s). When the
+step comes from the ahead-of-time cache (fit's background compile, or ``LIGHTFN_AOT=1``) the
+compiled graph itself loads in a fraction of that, so the names are remembered too (callers
+use this module only then): a small JSON file under lightfn's cache folder, keyed
 by the step's artifact key (its code, closures, inputs, versions: see
 :mod:`lightfn._compile.aot`). A later process reads them instead of tracing. Only steps
 without ``lf.metrics.Sum`` states are remembered (their totals' shapes would need the
@@ -27,8 +28,6 @@ _VERSION = 1
 
 
 def _path(kind: str, step: Callable[..., Any], state: Any, batch: Any) -> Path | None:
-    if not aot.enabled_by_env():
-        return None
     try:
         key = aot.artifact_key(step, (state, batch), dynamic_argnums=(1,))
     except aot.Unsupported:

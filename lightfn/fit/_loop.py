@@ -34,6 +34,7 @@ from ..eval_sets import prefix
 from ..loggers.base import Logger
 from ..state import TrainState
 from . import _hooks as hooks
+from ._background import Background
 from ._accumulate import AccumulatingEvalStep, AccumulatingTrainStep, evaluate, to_host, zeros_like
 from ._plan import Plan
 from ._processes import Processes
@@ -72,6 +73,10 @@ class Loop:
         # Announce only the first call of a step that goes through torch.compile: an eager
         # run is never said to compile.
         self.compile_pending = self.train.compiles
+        # Graphs compiled in the background (lightfn/fit/_background.py): switched when built.
+        deferred = [step.deferred for step in (self.train, self.evaluate) if step is not None and step.deferred]
+        self.background = None if not deferred else Background(
+            deferred[0].builder, deferred, announce=lambda text: hooks.announce(self, text), record=self._compiled_now)
         # What callbacks see as elapsed time. Ranks that vote share one clock (the largest at
         # the last vote, 0 before it), so time-based callback decisions agree everywhere.
         self.clock: float | None = 0.0 if self.processes.voting else None
@@ -95,6 +100,11 @@ class Loop:
         if unused:
             _log.warning("resume: %s holds state of callbacks not passed to this fit: %s", path, sorted(unused))
         pos = run.position
+        # A graph the interrupted run had switched to compiled runs compiled from the start.
+        for step in (self.train, self.evaluate):
+            if step is not None and step.deferred is not None and step.deferred.name in run.compiled:
+                step.deferred.must_compile = True
+        self.compile_pending = self.train.compiles
         _log.info("resumed from %s at epoch %d, batch %d, step %d", path, pos.epoch, pos.batch, pos.step)
 
     def snapshot(self) -> Run:
@@ -144,6 +154,8 @@ class Loop:
                 hooks.notify_exception(self, error)
                 raise
             finally:
+                if self.background is not None:
+                    self.background.finish()
                 for logger in self.loggers if self.is_main else ():
                     logger.flush()
         if self.stop_reason:
@@ -172,6 +184,8 @@ class Loop:
         run = self.run
         if not self.compile_pending:
             run.state, run.acc, metrics = self.train(run.state, run.acc, batch)
+            if self.background is not None:
+                self.tick()
             return metrics
         # The first call of a compiled step traces and compiles it (seconds to minutes):
         # say so, so a quiet log does not look hung, and how long it took. Host wall time
@@ -182,6 +196,16 @@ class Loop:
         self.compile_pending = False
         hooks.announce(self, f"train step compiled in {time.monotonic() - start:.1f} s")
         return metrics
+
+    def tick(self, epoch_end: bool = False) -> None:
+        """Switch the graphs compiled in the background whose artifacts are ready."""
+        assert self.background is not None
+        layout = None if self.evaluate is None else self.evaluate.layout
+        self.background.tick(self.run.state, self.run.acc, layout, epoch_end=epoch_end)
+
+    def _compiled_now(self, name: str) -> None:
+        """Record that graph ``name`` runs compiled from the current step on."""
+        self.run.compiled.setdefault(name, self.run.position.step)
 
     def end_epoch(self, cut: bool = False) -> None:
         """Log the epoch's means, validate if due and call ``on_epoch_end``.
@@ -196,6 +220,8 @@ class Loop:
         pos = run.position
         if run.acc is None or (pos.batch == 0 and not pos.epoch_done):
             raise _no_batches(pos.epoch)
+        if self.background is not None:
+            self.tick(epoch_end=True)
         self.log({f"train/{with_suffix(k, '_epoch')}": v for k, v in self.train.values(self.processes.sum(run.acc)).items()})
         if self.evaluate is not None and self.plan.validate_at_epoch_end(pos):
             self.validate()

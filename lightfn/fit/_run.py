@@ -15,9 +15,10 @@ structure, dtypes and devices to load into). The file is one safetensors pytree 
   (``data_seed``, as a string; empty when the data has none), the epoch's metric sums
   (``acc``, see :mod:`lightfn.fit._accumulate`) and their names (``metrics``, JSON), the
   epoch's totals of ``lf.metrics.Sum`` states (``sums``: ``{name: total}``, present only
-  when the step returns such states), and the latest logged host values (``logged``, JSON:
+  when the step returns such states), the latest logged host values (``logged``, JSON:
   what callbacks see as ``ctx.metrics``, so a checkpoint name or an epoch-end check right
-  after a resume sees the same values);
+  after a resume sees the same values), and, once a background compile switched a graph,
+  the steps at which each switched (``compiled``, JSON: ``{"train": step, "eval": step}``);
 - ``"callbacks"``: each callback's non-empty ``state_dict()`` under its ``state_key``: a
   JSON string, or, when the state holds tensors, ``{"json": <the other values as JSON>,
   "tensors": {<name>: tensor or dict of tensors}}`` (tensors stored as tensors, bit-exact);
@@ -77,7 +78,10 @@ class Run:
     total}}`` (``None`` before the first step); ``metric_names``: its slots' names
     (``None`` until known); ``logged``: the latest logged host values; ``data_seed``: the
     train data's order seed (``""`` without one); ``callbacks``: each stateful callback's
-    ``state_dict()`` by ``state_key`` (filled when the run is saved or loaded).
+    ``state_dict()`` by ``state_key`` (filled when the run is saved or loaded);
+    ``compiled``: the step at which each graph fit compiles in the background switched from
+    eager to compiled (``{"train": step, "eval": step}``, :mod:`lightfn.fit._background`),
+    so a resumed run makes the same choice.
     """
 
     state: Any
@@ -87,6 +91,7 @@ class Run:
     logged: dict[str, float] = dataclasses.field(default_factory=dict)
     data_seed: str = ""
     callbacks: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    compiled: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def replace(self, **changes: Any) -> Run:
         return dataclasses.replace(self, **changes)
@@ -145,18 +150,24 @@ def to_tree(run: Run) -> dict[str, Any]:
     }
     if acc is not None and acc["sum"]:  # absent otherwise: the layout checkpoints had before Sum states
         loop["sums"] = acc["sum"]
+    if run.compiled:  # absent otherwise: the layout checkpoints had before background compiles
+        loop["compiled"] = json.dumps(run.compiled, sort_keys=True)
     # Only callbacks with bookkeeping are stored (a progress bar has none to carry over).
     stored = {k: _encode(k, v) for k, v in run.callbacks.items() if v}
     return {**_state_fields(run.state), "loop": loop, "callbacks": stored}
 
 
-def _template(like: Run, acc: Acc | None, saved_callbacks: Mapping[str, Any]) -> dict[str, Any]:
-    """What :func:`load` fills: ``like``'s state, an accumulator shaped as the file's, and
-    the callback entries the file holds (their tensors' shapes come from the file)."""
+def _template(like: Run, loop: Mapping[str, Any], saved_callbacks: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`load` fills: ``like``'s state, an accumulator shaped as the file's
+    (``loop``: the file's loop entry), and the callback entries the file holds (their
+    tensors' shapes come from the file)."""
     device = tree.device_of(like.state)
+    acc = _acc_of(loop)
     shaped = None if acc is None else tree.map(lambda x: torch.zeros_like(x, device=device), acc)
     template = to_tree(Run(state=like.state, acc=shaped))
     template["loop"] = {**template["loop"], "data_seed": "", "metrics": "", "logged": ""}
+    if "compiled" in loop:
+        template["loop"]["compiled"] = ""
     template["callbacks"] = tree.map(
         lambda x: torch.empty_like(x, device=device) if isinstance(x, torch.Tensor) else "", saved_callbacks)
     return template
@@ -238,7 +249,7 @@ def load_run(path: str | os.PathLike[str], like: Run, *, read: Callable[[Any], A
     path = Path(path)
     if not path.is_file():
         raise FitError(f"resume_from={str(path)!r}: no such checkpoint file")
-    template = _template(like, _acc_of(load(path, subtree="loop")), load(path, subtree="callbacks"))
+    template = _template(like, load(path, subtree="loop"), load(path, subtree="callbacks"))
     ckpt = load(path, like=template) if read is None else read(template)
     loop = ckpt["loop"]
     if loop["data_seed"] != like.data_seed:
@@ -258,4 +269,5 @@ def load_run(path: str | os.PathLike[str], like: Run, *, read: Callable[[Any], A
         logged={k: decode_float(v) for k, v in json.loads(loop["logged"]).items()},
         data_seed=loop["data_seed"],
         callbacks={k: _decode(v) for k, v in ckpt["callbacks"].items()},
+        compiled={str(k): int(v) for k, v in json.loads(loop.get("compiled") or "{}").items()},
     )

@@ -1,6 +1,6 @@
 """Small fit runs that tests/test_resume.py interrupts on purpose: SIGKILL or SIGTERM.
 
-    python resume_worker.py BASE NAME=WHEN [NAME=WHEN ...] [--jit]
+    python resume_worker.py BASE NAME=WHEN [NAME=WHEN ...] [--jit sync|background]
 
 Imports torch once, then forks one child per ``NAME=WHEN`` (before any tensor work, so the
 children share no thread pool); each child runs the same fit with its checkpoints in
@@ -47,7 +47,7 @@ def loss_fn(params, batch, train=True):
     return (err**2).mean(), {"mae": err.abs().mean()}
 
 
-def make_run(jit: bool = False) -> dict:
+def make_run(jit: bool | str = False) -> dict:
     """The step, state, data and fit arguments every process of a test uses."""
     g = torch.Generator().manual_seed(0)
     x, vx = torch.randn(N, D, generator=g), torch.randn(16, D, generator=g)
@@ -71,7 +71,7 @@ def make_run(jit: bool = False) -> dict:
                 train_data=train, **kw)
 
 
-def make_callbacks(dirpath: Path, jit: bool = False) -> list[Callback]:
+def make_callbacks(dirpath: Path, jit: bool | str = False) -> list[Callback]:
     """A step-schedule checkpoint (the ``last`` to resume from), a top-2 by ``val/loss`` and
     an EarlyStopping whose ``min_delta`` nothing beats: it stops after exactly ``patience``
     more validations than the first, a count a resumed run must carry over."""
@@ -109,7 +109,7 @@ def interrupt(when: str) -> Interrupt:
     raise SystemExit(f"unknown interruption {when!r}")
 
 
-def child(dirpath: Path, when: str, jit: bool) -> int:
+def child(dirpath: Path, when: str, jit: bool | str) -> int:
     """Run one interrupted fit; the exit status a SIGTERM leads to (a SIGKILL never returns)."""
     try:
         fit(callbacks=make_callbacks(dirpath, jit=jit) + [interrupt(when)], **make_run(jit=jit))
@@ -123,7 +123,7 @@ def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("base", type=Path)
     ap.add_argument("runs", nargs="+", help="NAME=WHEN")
-    ap.add_argument("--jit", action="store_true")
+    ap.add_argument("--jit", choices=("sync", "background"), default=False)
     args = ap.parse_args(argv)
     children = {}
     for run in args.runs:

@@ -1,0 +1,236 @@
+"""Build AOT artifacts in a child process while the parent goes on (issue 15, item 2).
+
+A cold compile costs 10-35 s on a small CPU; a short run is over before that. ``fit`` in
+background mode therefore trains eagerly from its first step and hands the compilation to a
+:class:`Builder`: a forked child captures, exports and compiles each submitted
+:class:`~lightfn._compile.jit.Jitted` into the AOT cache (:mod:`lightfn._compile.aot`) and
+reports each result on a pipe. The parent polls the pipe (a non-blocking read, about a
+microsecond) and loads an artifact once it is reported ready.
+
+Why a forked child and not a thread: FX tracing patches ``nn.Module.__call__`` process-wide,
+so tracing beside a running eager step crashes it; and nothing about a step can be sent to
+a fresh interpreter without pickling user code. A fork has the step, its closures and the
+example inputs already (only their shapes and dtypes matter to the build). One case needs
+help: after some compiled autograd work (an earlier ``torch.compile`` of a gradient) torch
+refuses autograd in every forked child. A probe fork detects it; the parent then captures
+and exports the step itself (about 2 s, training pauses) and the child only compiles.
+
+The child is detached (its own session, reparented to init by a double fork), runs at a
+lower priority (``nice`` 10) on one thread, and its stdout/stderr go to ``/dev/null``: it
+never writes into the parent's output or holds a pipe the parent's caller waits on. When
+the parent ends first, the child finishes the build and exits, so the next run finds the
+artifact; builds in one cache folder take turns (:func:`~lightfn._compile.store.build_lock`),
+so at most one build per folder runs at a time. ``fork`` after CUDA is initialized is not
+safe: callers use this for CPU work only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import select
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .._diagnostics import first_line
+
+__all__ = ["Builder", "wait_requested"]
+
+
+def wait_requested() -> bool:
+    """True when ``LIGHTFN_BACKGROUND_WAIT=1``: fit then waits for the background build at
+    the end of the first epoch, so the switch step does not depend on timing (tests,
+    benchmarks, bit-for-bit comparisons of two fresh runs)."""
+    return os.environ.get("LIGHTFN_BACKGROUND_WAIT", "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Job:
+    name: str
+    store: Callable[[], None]  # builds the artifact into the cache (runs in the child)
+    # Captures and exports in this process, returning the rest of store (compile and
+    # package, no autograd) for the child: used when a forked child cannot run autograd.
+    prepare: Callable[[], Callable[[], None]] | None = None
+
+
+class Builder:
+    """Builds submitted jobs in one background child at a time; the parent polls.
+
+    ``submit(name, store)`` queues ``store()`` (a function that builds one artifact into
+    the cache); ``start()`` forks a child for everything queued if none is running;
+    ``poll()`` collects the results; ``status(name)`` is ``"queued"``, ``"building"``,
+    ``"ready"`` or ``"failed: <reason>"``.
+    """
+
+    def __init__(self) -> None:
+        self._queued: list[_Job] = []
+        self._running: list[str] = []  # the names the running child builds
+        self._fd: int | None = None
+        self._buffer = b""
+        self._status: dict[str, str] = {}
+        self.pid: int | None = None  # the running child's pid (after its first report)
+        self.started: float | None = None  # time.monotonic() when the first child started
+
+    def submit(self, name: str, store: Callable[[], None], *, prepare: Callable[[], Callable[[], None]] | None = None,
+               first: bool = False) -> None:
+        """Queue ``store`` under ``name`` (``first``: before the jobs already queued).
+        ``prepare``: see :class:`_Job`."""
+        job = _Job(name=name, store=store, prepare=prepare)
+        if first:
+            self._queued.insert(0, job)
+        else:
+            self._queued.append(job)
+        self._status[name] = "queued"
+
+    def status(self, name: str) -> str | None:
+        return self._status.get(name)
+
+    @property
+    def busy(self) -> bool:
+        """A child is building, or jobs wait for one."""
+        return self._fd is not None or bool(self._queued)
+
+    def start(self) -> None:
+        """Fork a child for the queued jobs, unless one is running."""
+        if self._fd is not None or not self._queued:
+            return
+        jobs, self._queued = self._queued, []
+        if not _autograd_survives_fork():
+            jobs = self._prepared(jobs)
+            if not jobs:
+                return
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the intermediate process: detach, fork the builder, leave
+            try:
+                os.close(read)
+                os.setsid()
+                if os.fork() == 0:
+                    _build(write, jobs)  # never returns
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        os.set_blocking(read, False)
+        self._fd, self._buffer = read, b""
+        self._running = [job.name for job in jobs]
+        for job in jobs:
+            self._status[job.name] = "building"
+        if self.started is None:
+            self.started = time.monotonic()
+
+    def _prepared(self, jobs: list[_Job]) -> list[_Job]:
+        """The jobs with their autograd half done here (a failure is their result)."""
+        out = []
+        for job in jobs:
+            try:
+                if job.prepare is None:
+                    raise RuntimeError("this process ran compiled autograd before: a forked build cannot trace")
+                out.append(_Job(name=job.name, store=job.prepare()))
+            except Exception as e:  # noqa: BLE001 - the job's result, as a child would report it
+                self._status[job.name] = f"failed: {type(e).__name__}: {first_line(e)}"
+        return out
+
+    def poll(self, wait: bool = False) -> None:
+        """Read the results the child reported; with ``wait``, until it is done. Starts
+        the next child when jobs are queued and none runs."""
+        while self._fd is not None:
+            if wait:
+                select.select([self._fd], [], [])
+            try:
+                chunk = os.read(self._fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:  # the child exited: whatever it did not report failed
+                os.close(self._fd)
+                self._fd = None
+                for name in self._running:
+                    if self._status.get(name) == "building":
+                        self._status[name] = "failed: the build process ended without a result"
+                self._running, self.pid = [], None
+                break
+            self._buffer += chunk
+            *lines, self._buffer = self._buffer.split(b"\n")
+            for line in lines:
+                self._read(json.loads(line))
+        if self._fd is None and self._queued:
+            self.start()
+            if wait:
+                self.poll(wait=True)
+
+    def _read(self, report: dict[str, Any]) -> None:
+        if "pid" in report:
+            self.pid = int(report["pid"])
+        elif "error" in report:
+            self._status[report["job"]] = f"failed: {report['error']}"
+        else:
+            self._status[report["job"]] = "ready"
+
+    def close(self) -> None:
+        """Stop listening (the child, if still building, finishes on its own)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._queued = []
+
+
+def _autograd_survives_fork() -> bool:
+    """Whether a forked child of this process can run autograd.
+
+    Once a process has run some autograd work (e.g. a ``torch.compile``-d gradient), torch
+    marks its forked children unable to use autograd at all. Asked with a real fork (a few
+    ms): there is no API to read that mark."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            x = torch.ones((), requires_grad=True)
+            torch.autograd.grad(x * 2, x)
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1] == 0
+
+
+def _build(fd: int, jobs: list[_Job]) -> None:
+    """The child: build each job, report each result as one JSON line, exit."""
+    code = 1
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(null, target)
+        # Python's own streams too: they may not write to fds 1 and 2 (a capturing harness).
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives until os._exit
+        try:
+            os.nice(10)  # the parent's training comes first
+        except OSError:
+            pass
+        torch.set_num_threads(1)
+        # Compile in this process: a worker pool the parent started (an earlier
+        # torch.compile) did not survive the fork, and a new one would compete with training.
+        from torch._inductor import config as inductor_config
+
+        inductor_config.compile_threads = 1
+        _report(fd, {"pid": os.getpid()})
+        for job in jobs:
+            try:
+                job.store()
+            except BaseException as e:  # noqa: BLE001 - reported to the parent, who decides
+                _report(fd, {"job": job.name, "error": f"{type(e).__name__}: {first_line(e)}"})
+            else:
+                _report(fd, {"job": job.name, "ok": True})
+        code = 0
+    finally:
+        os._exit(code)  # no atexit handlers, no flushing of buffers copied from the parent
+
+
+def _report(fd: int, report: dict[str, Any]) -> None:
+    try:
+        os.write(fd, (json.dumps(report) + "\n").encode())
+    except OSError:
+        pass  # the parent has stopped listening; the build still lands in the cache
