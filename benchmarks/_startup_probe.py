@@ -41,7 +41,7 @@ def run_import_torch(args, marks: dict) -> None:
     marks["import_torch_s"] = now()
 
 
-def run_lightfn(args, marks: dict, *, jit: bool) -> None:
+def run_lightfn(args, marks: dict, *, jit: bool | str) -> None:
     import torch  # noqa: F401
 
     marks["import_torch_s"] = now()
@@ -213,7 +213,8 @@ def run_jax(args, marks: dict) -> None:
 
 SYSTEMS = {
     "import_torch": run_import_torch,
-    "lightfn": lambda a, m: run_lightfn(a, m, jit=True),
+    "lightfn": lambda a, m: run_lightfn(a, m, jit=True),  # fit's default: compiled in the background
+    "lightfn_sync": lambda a, m: run_lightfn(a, m, jit="sync"),  # compiled before the first step
     "lightfn_eager": lambda a, m: run_lightfn(a, m, jit=False),
     "torch_loop": run_torch,
     "lightning": run_lightning,

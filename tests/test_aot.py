@@ -83,7 +83,7 @@ def aot_cache(tmp_path_factory):
 def test_first_call_builds_one_artifact(aot_cache):
     assert aot_cache["built"] == {"traces": 1, "builds": 1, "loads": 0, "rebuilds": 0, "fallbacks": 0}
     files = sorted(p.suffix for p in (aot_cache["folder"] / "aot").iterdir())
-    assert files == [".json", ".pt2"]
+    assert files == [".json", ".lock", ".pt2"]  # manifest, the build lock, package
 
 
 @pytest.mark.slow

@@ -108,8 +108,10 @@ def test_the_builder_runs_jobs_in_a_detached_child_and_reports_each(tmp_path, ca
     def bad():
         raise ValueError("no such op\nsecond line")
 
-    builder.submit("bad", bad)
-    builder.submit("good", good, first=True)
+    # prepare: what a process whose forks cannot run autograd does first, here (the suite
+    # may have compiled autograd before); these jobs need no autograd, so it is the job.
+    builder.submit("bad", bad, prepare=lambda: bad)
+    builder.submit("good", good, prepare=lambda: good, first=True)
     assert builder.status("good") == "queued" and builder.busy
     builder.start()
     assert builder.status("good") == "building"
@@ -123,7 +125,10 @@ def test_the_builder_runs_jobs_in_a_detached_child_and_reports_each(tmp_path, ca
 
 def test_a_child_that_dies_fails_its_jobs():
     builder = background.Builder()
-    builder.submit("killed", lambda: os.kill(os.getpid(), 9))
+    def die():
+        os.kill(os.getpid(), 9)
+
+    builder.submit("killed", die, prepare=lambda: die)
     builder.start()
     builder.poll(wait=True)
     assert builder.status("killed") == "failed: the build process ended without a result"
@@ -250,3 +255,29 @@ def background_lock(folder):
     from lightfn._compile.store import build_lock
 
     return build_lock(folder)
+
+
+@pytest.mark.compile
+def test_jit_background_calls_eagerly_until_built_then_compiled(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path / "cache"))
+    step, state, train, _ = problem()
+    batches = list(lf.data.iterate(train, 0))
+    eager_state = lf.tree.map(torch.clone, state)
+    fast = lf.jit(step, donate=True, background=True)
+    bg_state = lf.tree.map(torch.clone, state)
+    bg_state, _ = fast(bg_state, batches[0])
+    eager_state, _ = step(eager_state, batches[0])
+    assert fast.switched_at is None
+    assert_equal_trees(bg_state, eager_state)  # the first call ran eagerly
+    fast.background.builder.poll(wait=True)  # (a test waits; a loop just keeps calling)
+    for batch in batches[1:]:
+        bg_state, _ = fast(bg_state, batch)
+        eager_state, _ = step(eager_state, batch)
+    assert fast.switched_at == 1  # the second call found the artifact ready
+    for a, b in zip(lf.tree.leaves(bg_state), lf.tree.leaves(eager_state)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    _aot.reset_stats()
+    again = lf.jit(step, donate=True, background=True)  # a later process would do the same
+    again(lf.tree.map(torch.clone, state), batches[0])
+    assert again.switched_at == 0 and _aot.stats()["loads"] == 1 and _aot.stats()["traces"] == 0

@@ -334,8 +334,9 @@ def compile_cached(
     inputs, key, step = _find(fn, args, kwargs, dynamic_argnums, options, folder, load_step)
     if step is None and build:
         with build_lock(folder):
-            # Another process may have built it while this one waited for the lock.
-            inputs, key, step = _find(fn, args, kwargs, dynamic_argnums, options, folder, load_step)
+            # Another process may have built it while this one waited for the lock (what
+            # was found corrupted above is not reported twice).
+            inputs, key, step = _find(fn, args, kwargs, dynamic_argnums, options, folder, load_step, quiet=True)
             if step is None:
                 step = _build(fn, args, kwargs, inputs, key, dynamic_argnums=dynamic_argnums, options=options,
                               folder=folder, build_options=build_options, load_step=load_step)
@@ -343,25 +344,26 @@ def compile_cached(
 
 
 def _find(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_argnums: Sequence[int],
-          options: dict[str, Any], folder: Path, load_step: bool) -> tuple[Inputs, str, Any]:
-    """``(inputs, key, step)``: the step is the loaded artifact (or _STORED), None on a miss."""
+          options: dict[str, Any], folder: Path, load_step: bool, quiet: bool = False) -> tuple[Inputs, str, Any]:
+    """``(inputs, key, step)``: the step is the loaded artifact (or _STORED), None on a miss.
+    ``quiet``: a corrupted artifact is not warned about (nor counted)."""
     inputs = Inputs(args, kwargs, dynamic_argnums, static=False)
     key = _key(fn, inputs, options)
-    manifest = _existing(folder, key)
+    manifest = _existing(folder, key, quiet)
     if manifest is not None and manifest.get("static"):
         inputs = Inputs(args, kwargs, dynamic_argnums, static=True)  # graph valid for one batch size
         key = _key(fn, inputs, options)
-        manifest = _existing(folder, key)
+        manifest = _existing(folder, key, quiet)
     if manifest is None:
         return inputs, key, None
-    return inputs, key, _load(folder, key, manifest, dynamic_argnums, not any(inputs.dynamic), load_step)
+    return inputs, key, _load(folder, key, manifest, dynamic_argnums, not any(inputs.dynamic), load_step, quiet)
 
 
 _STORED = object()  # _load's answer when the artifact is verified but not wanted in this process
 
 
 def _load(folder: Path, key: str, manifest: dict[str, Any], dynamic_argnums: Sequence[int], static: bool,
-          load_step: bool) -> Any:
+          load_step: bool, quiet: bool = False) -> Any:
     """The loaded step (or _STORED), or None when the artifact must be (re)built."""
     if not load_step:
         return _STORED if (folder / str(manifest.get("package", ""))).is_file() else None
@@ -370,8 +372,9 @@ def _load(folder: Path, key: str, manifest: dict[str, Any], dynamic_argnums: Seq
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, OSError) as e:
-        warnings.warn(f"lightfn AOT cache: artifact {key} is corrupted ({e}); rebuilding it", stacklevel=4)
-        count("rebuilds")
+        if not quiet:
+            warnings.warn(f"lightfn AOT cache: artifact {key} is corrupted ({e}); rebuilding it", stacklevel=4)
+            count("rebuilds")
         return None
     count("loads")
     return CachedStep(model, manifest["out_spec"], path=folder / manifest["package"], dynamic_argnums=dynamic_argnums,
@@ -462,10 +465,12 @@ def _prepare(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
                     static=static)
 
 
-def _existing(folder: Path, key: str) -> dict[str, Any] | None:
+def _existing(folder: Path, key: str, quiet: bool = False) -> dict[str, Any] | None:
     try:
         return read_manifest(folder, key)
     except (ValueError, OSError) as e:
+        if quiet:
+            return None
         warnings.warn(f"lightfn AOT cache: manifest {key}.json is corrupted ({e}); rebuilding it", stacklevel=3)
         count("rebuilds")
         return None

@@ -32,14 +32,16 @@ import os
 import select
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .._diagnostics import first_line
+from .. import tree
+from .._diagnostics import first_line, fn_name
 
-__all__ = ["Builder", "wait_requested"]
+__all__ = ["Builder", "Switching", "wait_requested"]
 
 
 def wait_requested() -> bool:
@@ -234,3 +236,65 @@ def _report(fd: int, report: dict[str, Any]) -> None:
         os.write(fd, (json.dumps(report) + "\n").encode())
     except OSError:
         pass  # the parent has stopped listening; the build still lands in the cache
+
+
+class Switching:
+    """``lf.jit(fn, background=True)``: eager calls at once, compiled calls once built.
+
+    The first call looks for ``fn``'s artifact in the AOT cache (a warm start loads it and
+    every call is compiled). Otherwise it runs ``fn`` eagerly and hands the build to a
+    :class:`Builder`; each later call polls it (a non-blocking read) and runs eagerly until
+    the artifact is ready, then loads it: from that call on, ``fn`` runs compiled. Which call
+    switched is ``switched_at`` (a count of calls). Eager and compiled results agree to float
+    rounding; a loop that needs one numeric path throughout uses plain ``lf.jit``.
+    """
+
+    def __init__(self, jitted: Any) -> None:
+        self.jitted = jitted  # a lightfn._compile.jit.Jitted with the AOT cache on
+        self.builder = Builder()
+        self.calls = 0
+        self.switched_at: int | None = None
+        self.failed: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        jitted, first = self.jitted, self.calls == 0
+        self.calls += 1
+        if self.switched_at is not None or first:
+            run = jitted.cached(*args, **kwargs)
+            if run is not None:
+                if self.switched_at is None:
+                    self.switched_at = self.calls - 1
+                return run()
+        if first:
+            if any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in tree.leaves((args, kwargs))):
+                # fork after CUDA is initialized is unsafe: build here, now, as cache=True does
+                jitted.background = None
+                return jitted(*args, **kwargs)
+            out = jitted.eager(*args, **kwargs)
+            grad = torch.is_grad_enabled()
+
+            def store() -> None:
+                with torch.set_grad_enabled(grad):
+                    jitted.store(*args, **kwargs)
+
+            def prepare() -> Callable[[], None]:
+                with torch.set_grad_enabled(grad):
+                    return jitted.prepare(*args, **kwargs)
+
+            self.builder.submit("fn", store, prepare=prepare)
+            self.builder.start()
+            return out
+        if self.switched_at is None and self.failed is None:
+            self.builder.poll()
+            status = self.builder.status("fn") or ""
+            if status == "ready":
+                run = jitted.cached(*args, **kwargs)
+                if run is not None:
+                    self.switched_at = self.calls - 1
+                    return run()
+                status = "failed: the artifact built in the background could not be loaded"
+            if status.startswith("failed: "):
+                self.failed = status[len("failed: "):]
+                warnings.warn(f"lf.jit: the background compile of {fn_name(jitted.fn)} failed ({self.failed}); "
+                              "it runs eagerly", stacklevel=3)
+        return jitted.eager(*args, **kwargs)

@@ -22,6 +22,7 @@ from .._diagnostics import first_line, fn_name, user_frame
 from .._quiet import compile_messages_quieted
 from ..errors import CompileError, LightfnError, StepError
 from . import aot as _aot
+from .background import Switching
 from .isa import isa_options, remember_isa_probe
 
 __all__ = ["jit", "Jitted", "jit_disabled", "eager_failure"]
@@ -54,6 +55,7 @@ class Jitted:
         compile_kwargs: dict[str, Any],
         cache: bool = False,
         isa: bool = False,
+        background: bool = False,
     ) -> None:
         self.fn = fn
         self.donate = donate
@@ -75,6 +77,7 @@ class Jitted:
             self._compiled = self._torch_compile()
         self._cached: dict[Any, Any] = {}  # call signature -> lightfn._compile.aot.CachedStep
         self._isa_recorded = not compiled  # after the first compiled call: lightfn/_compile/isa.py
+        self.background: Switching | None = Switching(self) if self.cache and background else None
         functools.update_wrapper(self, fn)
 
     def _torch_compile(self) -> Callable[..., Any]:
@@ -88,9 +91,21 @@ class Jitted:
             return ()
         return self.batch_argnums if self.batch_argnums is not None else (len(args) - 1,)
 
+    @property
+    def switched_at(self) -> int | None:
+        """With ``background=True``: the number of calls made before the first compiled
+        one (0: loaded from the cache at once), or None while it still runs eagerly."""
+        return None if self.background is None else self.background.switched_at
+
+    def eager(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the function without compiling (donation applied, as compiled)."""
+        return self._target(*args, **kwargs)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.compiled:
             return self._target(*args, **kwargs)
+        if self.background is not None:
+            return self.background(*args, **kwargs)
         if self.cache:
             step, inputs = self._cached_step(args, kwargs)
             if step is not None:
@@ -272,6 +287,7 @@ def jit(
     options: dict[str, Any] | None = None,
     guard_globals: bool = False,
     cache: bool | None = None,
+    background: bool = False,
 ) -> Any:
     """Compile ``fn`` whole with ``torch.compile`` and lightfn's defaults.
 
@@ -301,6 +317,13 @@ def jit(
             when unset). Only for the default inductor backend without ``mode`` or
             ``guard_globals``; a function it cannot capture compiles as usual, with one
             line saying why.
+        background: never wait for a compile (implies ``cache``). The first call runs
+            eagerly unless the cache already holds the artifact, and a forked child process
+            builds it meanwhile; each call then checks (a non-blocking read) and, once the
+            artifact is built, loads it: from that call on the function runs compiled, and
+            a later process loads it before its first call. ``switched_at`` says which call
+            switched. Eager and compiled calls agree to float rounding. For CPU work in a
+            single process (the build forks); ``lf.fit`` does the same, at recorded steps.
 
     Usable as ``lf.jit(f)``, ``lf.jit(f, donate=True)`` or ``@lf.jit(donate=True)``.
     """
@@ -308,17 +331,17 @@ def jit(
         return functools.partial(
             jit, donate=donate, dynamic_batch=dynamic_batch, batch_argnums=batch_argnums, mode=mode,
             fullgraph=fullgraph, disable=disable, backend=backend, options=options, guard_globals=guard_globals,
-            cache=cache,
+            cache=cache, background=background,
         )
     if isinstance(fn, Jitted):
         return fn
     compiled = not (jit_disabled() if disable is None else disable)
-    use_cache = _aot.enabled_by_env() if cache is None else cache
+    use_cache = background or (_aot.enabled_by_env() if cache is None else cache)
     if use_cache and (backend != "inductor" or mode is not None or guard_globals or not fullgraph):
-        if cache:  # asked for explicitly: say why it does not apply
-            warnings.warn("lf.jit(cache=True) applies to backend='inductor' with fullgraph and without mode or "
-                          "guard_globals; compiling with torch.compile", stacklevel=2)
-        use_cache = False
+        if cache or background:  # asked for explicitly: say why it does not apply
+            warnings.warn(f"lf.jit({'background' if background else 'cache'}=True) applies to backend='inductor' with "
+                          "fullgraph and without mode or guard_globals; compiling with torch.compile", stacklevel=2)
+        use_cache = background = False
     kwargs: dict[str, Any] = {"fullgraph": fullgraph, "backend": backend, "dynamic": None if dynamic_batch else False}
     opts = dict(options or {})
     if not guard_globals:
@@ -345,4 +368,5 @@ def jit(
         compile_kwargs=kwargs,
         cache=use_cache,
         isa=isa,
+        background=background,
     )
