@@ -123,3 +123,13 @@ def test_startup(tmp_path):
         else:
             assert "not installed" in rows[system]["status"] and system in result["skipped"]
     assert result["settings"]["epochs"] == 1 and result["settings"]["limit_train_batches"] == 5
+
+
+def test_short_jobs(tmp_path):
+    # --quick: the autoencoder, 5 steps, eager / default on empty caches / default warm.
+    result = _run("short_jobs.py", tmp_path / "sj.json")
+    (row,) = result["rows"]
+    assert row["example"] == "autoencoder" and row["switched"] in ("yes", "no")
+    _positive(row, "eager_s", "cold_s", "warm_s", "cold_vs_eager", "warm_vs_eager", "build_done_s")
+    assert row["build_done_s"] >= row["cold_s"]  # waited for after the cold process exited
+    assert result["settings"]["epochs"] == 1 and result["settings"]["limit_train_batches"] == 5
