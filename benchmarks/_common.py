@@ -261,6 +261,19 @@ def _proc_status_bytes(key: str) -> int:
 # ----------------------------------------------------------------------------- probes
 
 
+def wait_for_build(lightfn_cache: pathlib.Path) -> None:
+    """Wait until no background build holds the AOT folder's build lock in
+    ``lightfn_cache`` (fit's builder takes it as it starts, right after the first steps),
+    so a build a timed process left running does not share the cores with the next one."""
+    import fcntl
+
+    folder = lightfn_cache / "aot"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_probe(script: pathlib.Path, argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600) -> dict[str, Any]:
     """Run ``script --probe ...`` in a fresh interpreter; return the JSON on its last stdout line."""
     proc = subprocess.run(

@@ -22,7 +22,6 @@ switched to the compiled graphs before the job ended (the example's output says 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import pathlib
@@ -63,19 +62,9 @@ def run_job(name: str, mode: str, args: argparse.Namespace, work: pathlib.Path) 
     out = proc.stdout
     row = {"exit_s": exit_s, "switched": "compiled (" in out or "runs compiled (loaded" in out}
     if mode != "eager":
-        wait_for_build(cache / "lightfn")
+        C.wait_for_build(cache / "lightfn")
         row["build_done_s"] = time.time() - t0
     return row
-
-
-def wait_for_build(cache: pathlib.Path) -> None:
-    """Until no background build holds the AOT folder's lock (the builder takes it as it
-    starts, right after the first steps)."""
-    folder = cache / "aot"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".build.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,23 +108,11 @@ def measure(rows: list[str], args: argparse.Namespace) -> tuple[list[dict[str, A
             r = {"row": row, "status": "ok", **run_row(row, args, work, env)}
             if row == "lightfn_cold":
                 # the warm row (and every other row) must not share the cores with the build
-                wait_for_build(pathlib.Path(env["LIGHTFN_CACHE_DIR"]))
+                C.wait_for_build(pathlib.Path(env["LIGHTFN_CACHE_DIR"]))
                 r["build_done_s"] = time.time() - t0
             results.append(r)
             print(f"{row}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith("_s")), flush=True)
     return results, skipped
-
-
-def wait_for_build(cache: pathlib.Path) -> None:
-    """Wait until no background build holds the AOT folder's build lock (the builder takes
-    it as it starts, within milliseconds of the first train step)."""
-    import fcntl
-
-    folder = cache / "aot"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".build.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def add_ratios(results: list[dict[str, Any]]) -> None:

@@ -89,6 +89,24 @@ class Builder:
             self._queued.append(job)
         self._status[name] = "queued"
 
+    def submit_jitted(self, name: str, jitted: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *,
+                      first: bool = False) -> None:
+        """Queue building ``jitted``'s artifact (a :class:`~lightfn._compile.jit.Jitted`
+        with the AOT cache on) for arguments like ``args``, in this call's grad mode (it is
+        part of the artifact's key)."""
+        kwargs = kwargs or {}
+        grad = torch.is_grad_enabled()
+
+        def store() -> None:
+            with torch.set_grad_enabled(grad):
+                jitted.store(*args, **kwargs)
+
+        def prepare() -> Callable[[], None]:
+            with torch.set_grad_enabled(grad):
+                return jitted.prepare(*args, **kwargs)
+
+        self.submit(name, store, prepare=prepare, first=first)
+
     def status(self, name: str) -> str | None:
         return self._status.get(name)
 
@@ -271,17 +289,7 @@ class Switching:
                 jitted.background = None
                 return jitted(*args, **kwargs)
             out = jitted.eager(*args, **kwargs)
-            grad = torch.is_grad_enabled()
-
-            def store() -> None:
-                with torch.set_grad_enabled(grad):
-                    jitted.store(*args, **kwargs)
-
-            def prepare() -> Callable[[], None]:
-                with torch.set_grad_enabled(grad):
-                    return jitted.prepare(*args, **kwargs)
-
-            self.builder.submit("fn", store, prepare=prepare)
+            self.builder.submit_jitted("fn", jitted, args, kwargs)
             self.builder.start()
             return out
         if self.switched_at is None and self.failed is None:

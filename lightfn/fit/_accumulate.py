@@ -193,8 +193,7 @@ class AccumulatingTrainStep:
             jitted = self._fused(cache=deferred is not None)
             if deferred is None:
                 self._compiled = jitted
-                return jitted(state, acc, batch)
-            run = deferred.warm(jitted, state, acc, batch)
+            run = _first_compiled_call(deferred, jitted, state, acc, batch)
             if run is not None:
                 return run()
             out = self.step(state, batch)  # not in the cache yet: this call runs eagerly
@@ -224,6 +223,15 @@ class AccumulatingTrainStep:
         # the end of the first epoch.
         if self.compute_metrics is None:
             lf_metrics.values(acc["sum"], None)
+
+
+def _first_compiled_call(deferred: Deferred | None, jitted: Jitted, *args: Any) -> Callable[[], Any] | None:
+    """How a fused step's first call runs compiled: through ``jitted`` at once (compiling
+    first) without a background build, else from the cache if it holds the artifact (or
+    must: :meth:`Deferred.warm`); None: this call runs eagerly."""
+    if deferred is None:
+        return functools.partial(jitted, *args)
+    return deferred.warm(jitted, *args)
 
 
 def _train_and_accumulate(step: Callable[..., Any], keys: tuple[str, ...], state: Any, acc: Acc, batch: Any) -> Any:
@@ -293,12 +301,10 @@ class AccumulatingEvalStep:
                                      bool(lf_metrics.split(metrics)[1]))
             else:
                 acc = self._start(acc, known[0], {}, state, names=known[1])
-            jitted = jit(functools.partial(_eval_and_accumulate, self.step, self.keys),
-                         cache=True if deferred is not None else None)
+            jitted = self._fused(cache=deferred is not None)
             if deferred is None:
                 self._compiled = jitted
-                return jitted(state, acc, batch)
-            run = deferred.warm(jitted, state, acc, batch)
+            run = _first_compiled_call(deferred, jitted, state, acc, batch)
             if run is not None:
                 return run()
             metrics = self.step(state, batch)  # not in the cache yet: this call runs eagerly
@@ -308,10 +314,14 @@ class AccumulatingEvalStep:
             if deferred is not None:
                 layouts.remember("eval", self.step, state, batch, self.keys, self.names,
                                  bool(lf_metrics.split(metrics)[1]))
-                jitted = jit(functools.partial(_eval_and_accumulate, self.step, self.keys), cache=True)
+                jitted = self._fused(cache=True)
         if deferred is not None and jitted is not None:
             deferred.defer(jitted, state, zeros_like(acc), batch)
         return _accumulate_all_(acc, metrics, self.keys, batch_size(batch)), lf_metrics.split(metrics)[0]
+
+    def _fused(self, *, cache: bool) -> Jitted:
+        """The eval step and its accumulation as one ``lf.jit`` function."""
+        return jit(functools.partial(_eval_and_accumulate, self.step, self.keys), cache=True if cache else None)
 
     def _start(self, acc: Acc | None, keys: tuple[str, ...], metrics: Mapping[str, Any], state: Any,
                names: tuple[str, ...] | None = None) -> Acc:

@@ -71,18 +71,8 @@ class Deferred:
     def defer(self, jitted: Jitted, *args: Any, first: bool = False) -> None:
         """Have the builder build ``jitted`` for arguments like ``args`` (the grad mode of
         this call included)."""
-        self.jitted, self.example = jitted, args[-1]
-        self.grad = grad = torch.is_grad_enabled()
-
-        def store() -> None:
-            with torch.set_grad_enabled(grad):
-                jitted.store(*args)
-
-        def prepare() -> Callable[[], None]:
-            with torch.set_grad_enabled(grad):
-                return jitted.prepare(*args)
-
-        self.builder.submit(self.name, store, prepare=prepare, first=first)
+        self.jitted, self.example, self.grad = jitted, args[-1], torch.is_grad_enabled()
+        self.builder.submit_jitted(self.name, jitted, args, first=first)
 
     def call(self, *args: Any) -> Callable[[], Any] | None:
         """The compiled step applied to ``args`` once switched (None for a shape the
