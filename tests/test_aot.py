@@ -142,6 +142,42 @@ def test_a_new_batch_size_reuses_the_artifact(aot_cache, monkeypatch):
     torch.testing.assert_close(m5["loss"], eager[1]["loss"])
 
 
+def test_repeat_calls_find_the_artifact_by_exact_call(aot_cache, monkeypatch):
+    # After its first call a shape is found in one flatten (flat.call_key), not by a new
+    # Inputs and signature; a new batch size is a new entry for the same loaded artifact.
+    monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(aot_cache["folder"]))
+    _aot.reset_stats()
+    step, state, batches = make_problem()
+    jitted = lf.jit(step, donate=True, cache=True)
+    state = lf.tree.map(torch.clone, state)
+    history = []
+    for b in (batches[0], batches[1], batches[2][:5], batches[2][:5]):
+        state, m = jitted(state, b)
+        history.append(m["loss"])
+    assert len(jitted._calls) == 2  # batch 8, batch 5
+    assert len({id(step) for step, _, _ in jitted._calls.values()}) == 1
+    assert _aot.stats() == {"traces": 0, "builds": 0, "loads": 1, "rebuilds": 0, "fallbacks": 0}
+    _, eager = run_steps(step, make_problem()[1], [batches[0], batches[1], batches[2][:5], batches[2][:5]])
+    for got, want in zip(history, eager):
+        torch.testing.assert_close(got, want["loss"])
+
+
+def test_the_exact_call_key_sees_layout_dtype_grad_and_structure():
+    from lightfn._compile.flat import call_key
+
+    x = torch.zeros(4, 3)
+    base = call_key(({"a": x}, 2), {})[0]
+    assert call_key(({"a": torch.ones(4, 3)}, 2), {})[0] == base  # values never matter
+    assert call_key(({"a": torch.zeros(3, 4).t()}, 2), {})[0] != base  # non-contiguous
+    assert call_key(({"a": x.double()}, 2), {})[0] != base
+    assert call_key(({"a": x.requires_grad_(False).clone().requires_grad_()}, 2), {})[0] != base
+    assert call_key(({"a": x}, 3), {})[0] != base  # a constant
+    assert call_key(({"b": x}, 2), {})[0] != base  # the structure
+    assert call_key(({"a": torch.nn.Parameter(x)}, 2), {})[0] != base  # the tensor type
+    with torch.no_grad():
+        assert call_key(({"a": x}, 2), {})[0] != base
+
+
 def test_the_key_covers_all_of_lightfns_source():
     # An edit anywhere in lightfn (optimizer math, the step, fit) may change a graph, so
     # every lightfn file is part of the key, not only the compile package's.

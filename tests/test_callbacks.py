@@ -764,3 +764,23 @@ def test_on_save_checkpoint_may_only_add_metadata(tmp_path):
 
     with pytest.raises(FitError, match="Signal\\(metadata="):
         _fit([Stopper(), ModelCheckpoint(tmp_path)], max_epochs=1)
+
+
+def test_per_step_hooks_go_only_to_callbacks_that_override_them():
+    from lightfn.fit._hooks import overriding
+
+    class Quiet(lf.callbacks.Callback):
+        def on_epoch_end(self, ctx):
+            return None
+
+    class Counting(lf.callbacks.Callback):
+        def on_train_batch_end(self, ctx):
+            return None
+
+    class Sub(Counting):
+        pass
+
+    cbs = [Quiet(), Counting(), lf.callbacks.Callback(), Sub()]
+    assert overriding(cbs, lambda c: c.on_train_batch_end) == (1, 3)
+    assert overriding(cbs, lambda c: c.on_epoch_end) == (0,)
+    assert overriding(cbs, lambda c: c.on_validation_batch_end) == ()

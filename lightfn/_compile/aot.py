@@ -22,7 +22,8 @@ fingerprint) raises :class:`Unsupported`; :mod:`lightfn.transforms` then compile
 ``torch.compile`` as before. :func:`stats` counts traces, builds and loads for tests.
 
 Over ~300 lines: capture, export, build and load are one path that must agree on the
-input encoding; the key and the storage live in :mod:`.key` and :mod:`.store`.
+input encoding; the key, the storage and the calling convention live in :mod:`.key`,
+:mod:`.store` and :mod:`.flat`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .. import tree
+from .flat import CachedStep, Inputs, Unsupported, _encode
 from .key import Unfingerprintable, fingerprint, lightfn_source_hash
 from .store import build_lock, evict, load, open_package, read_manifest, write_package
 from .cache import cache_dir, write_text_atomic
@@ -55,10 +56,6 @@ _FORMAT = "lightfn-aot-1"
 _NOT_KEYED = ("cpp.vec_isa_ok", "guard_filter_fn")
 # Process-wide counts of what the cache did, read by tests (never a timer).
 _STATS: Counter[str] = Counter()
-
-
-class Unsupported(Exception):
-    """The function cannot be cached ahead of time; ``str(e)`` says why in a few words."""
 
 
 def stats() -> dict[str, int]:
@@ -78,70 +75,6 @@ def enabled_by_env() -> bool:
     """True when ``LIGHTFN_AOT=1`` is set: ``lf.jit`` then uses the cache by default."""
     return os.environ.get("LIGHTFN_AOT", "").strip().lower() in ("1", "true", "yes")
 
-
-# ----------------------------------------------------------------------------- inputs
-
-
-class Inputs:
-    """The call's arguments as flat leaves: tensors become graph inputs, the rest constants."""
-
-    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_argnums: Sequence[int], static: bool) -> None:
-        self.arg_defs = []
-        self.leaves: list[Any] = []
-        self.dynamic: list[bool] = []  # per tensor: dim 0 dynamic
-        for i, a in enumerate((*args, kwargs)):
-            ls, d = tree.flatten(a)
-            self.arg_defs.append(d)
-            self.leaves.extend(ls)
-            dyn = not static and i in dynamic_argnums
-            self.dynamic.extend(dyn and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] >= 2 for x in ls)
-        self.is_tensor = [isinstance(x, torch.Tensor) for x in self.leaves]
-        self.tensors = [x for x in self.leaves if isinstance(x, torch.Tensor)]
-        self.dynamic = [d for d, t in zip(self.dynamic, self.is_tensor) if t]
-        self.nargs = len(args)
-
-    def signature(self) -> tuple[Any, ...]:
-        """A cheap hashable stand-in for the key's input part, for a per-process lookup."""
-        parts: list[Any] = [torch.is_grad_enabled(), torch.is_autocast_enabled(), *self.arg_defs]
-        dyn = iter(self.dynamic)
-        for x, is_t in zip(self.leaves, self.is_tensor):
-            if is_t:
-                d = next(dyn)
-                parts.append((d, x.shape[1:] if d else x.shape, x.dtype, x.device, x.is_contiguous(), x.requires_grad))
-            else:
-                try:
-                    hash(x)
-                except TypeError:
-                    raise Unsupported(f"a non-tensor input of type {type(x).__name__} is not hashable") from None
-                parts.append((type(x), x))
-        return tuple(parts)
-
-    def describe(self) -> list[Any]:
-        out: list[Any] = [str(d) for d in self.arg_defs]
-        dyn = iter(self.dynamic)
-        for x, is_t in zip(self.leaves, self.is_tensor):
-            if is_t:
-                if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
-                    raise Unsupported(f"an input is a {type(x).__name__}, not a plain tensor")
-                if x.requires_grad and torch.is_grad_enabled():
-                    # The artifact is a forward graph: autograd through it would silently stop.
-                    raise Unsupported("an input requires grad (the cached graph has no backward)")
-                shape = list(x.shape)
-                if next(dyn):
-                    shape[0] = "dyn"
-                out.append(["t", shape, str(x.dtype), str(x.device), x.is_contiguous()])
-            else:
-                out.append(["c", fingerprint(x)])
-        return out
-
-    def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        it = iter(tensors)
-        full = [next(it) if is_t else x for x, is_t in zip(self.leaves, self.is_tensor)]
-        parts, start = [], 0
-        for d in self.arg_defs:
-            parts.append(tree.unflatten(d, full[start:start + d.num_leaves]))
-            start += d.num_leaves
-        return tuple(parts[:-1]), parts[-1]
 
 
 def artifact_key(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *,
@@ -169,63 +102,6 @@ def _key(fn: Callable[..., Any], inputs: Inputs, options: dict[str, Any]) -> str
     blob = json.dumps([_FORMAT, code, described, opts, env], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
-
-# ---------------------------------------------------------------------------- outputs
-
-
-def _encode(obj: Any, arg_defs: list[Any], out: list[torch.Tensor]) -> Any:
-    """A JSON description of the output tree; its tensors are appended to ``out``."""
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-        return "T"
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return {"c": obj}
-    if type(obj) is dict and all(isinstance(k, str) for k in obj):
-        return {"d": [[k, _encode(v, arg_defs, out)] for k, v in obj.items()]}
-    if type(obj) in (list, tuple):
-        return {"l" if type(obj) is list else "t": [_encode(v, arg_defs, out) for v in obj]}
-    structure = tree.structure(obj)
-    for i, d in enumerate(arg_defs):
-        if structure == d:
-            leaves = tree.leaves(obj)
-            if all(isinstance(x, torch.Tensor) for x in leaves):
-                out.extend(leaves)
-                return {"a": i}
-    raise Unsupported(f"the function returns a {type(obj).__qualname__} unlike any input's structure")
-
-
-def _decode(spec: Any, it: Any, arg_defs: list[Any]) -> Any:
-    if spec == "T":
-        return next(it)
-    (tag, v), = spec.items()
-    if tag == "c":
-        return v
-    if tag == "d":
-        return {k: _decode(s, it, arg_defs) for k, s in v}
-    if tag in ("l", "t"):
-        items = [_decode(s, it, arg_defs) for s in v]
-        return items if tag == "l" else tuple(items)
-    d = arg_defs[v]
-    return tree.unflatten(d, [next(it) for _ in range(d.num_leaves)])
-
-
-class CachedStep:
-    """A loaded artifact, callable like the function it was built from (same arguments)."""
-
-    def __init__(self, model: Any, out_spec: Any, *, path: Path, dynamic_argnums: Sequence[int], static: bool) -> None:
-        self.model = model
-        self.out_spec = out_spec
-        self.path = path
-        self.dynamic_argnums = tuple(dynamic_argnums)
-        self.static = static
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        inputs = Inputs(args, kwargs, self.dynamic_argnums, self.static)
-        return self.call_flat(inputs.tensors, inputs.arg_defs)
-
-    def call_flat(self, tensors: Sequence[torch.Tensor], arg_defs: list[Any]) -> Any:
-        outs = self.model.run(list(tensors))
-        return _decode(self.out_spec, iter(outs), arg_defs)
 
 
 # ---------------------------------------------------------------------------- capture

@@ -22,6 +22,7 @@ from .._diagnostics import first_line, fn_name, user_frame
 from .._quiet import compile_messages_quieted
 from ..errors import CompileError, LightfnError, StepError
 from . import aot as _aot
+from . import flat as _flat
 from .background import Switching
 from .isa import isa_options, remember_isa_probe
 
@@ -75,7 +76,8 @@ class Jitted:
             self._compiled = self._target
         elif not self.cache:
             self._compiled = self._torch_compile()
-        self._cached: dict[Any, Any] = {}  # call signature -> lightfn._compile.aot.CachedStep
+        self._cached: dict[Any, Any] = {}  # call signature -> lightfn._compile.flat.CachedStep
+        self._calls: dict[Any, Any] = {}  # flat.call_key -> (CachedStep, tensor mask, decoder)
         self._isa_recorded = not compiled  # after the first compiled call: lightfn/_compile/isa.py
         self.background: Switching | None = Switching(self) if self.cache and background else None
         functools.update_wrapper(self, fn)
@@ -107,9 +109,10 @@ class Jitted:
         if self.background is not None:
             return self.background(*args, **kwargs)
         if self.cache:
-            step, inputs = self._cached_step(args, kwargs)
-            if step is not None:
-                return step.call_flat(inputs.tensors, inputs.arg_defs)
+            found = self._cached_step(args, kwargs)
+            if found is not None:
+                step, tensors, decode = found
+                return step.run(tensors, decode)
         if self._compiled is None:
             self._compiled = self._torch_compile()
         if self.dynamic_batch:
@@ -138,12 +141,13 @@ class Jitted:
         if the AOT cache holds it (loaded once per signature); else None. Nothing is traced
         or built, and nothing warns (a background build reports its own failure)."""
         try:
-            step, inputs = self._cached_step(args, kwargs, build=False)
+            found = self._cached_step(args, kwargs, build=False)
         except _aot.Unsupported:
             return None
-        if step is None:
+        if found is None:
             return None
-        return functools.partial(step.call_flat, inputs.tensors, inputs.arg_defs)
+        step, tensors, decode = found
+        return functools.partial(step.run, tensors, decode)
 
     def store(self, *args: Any, **kwargs: Any) -> None:
         """Build the AOT artifact for arguments like these into the cache (if missing),
@@ -166,10 +170,32 @@ class Jitted:
 
         return package
 
-    def _cached_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], build: bool = True) -> tuple[Any, Any]:
-        """``(CachedStep, inputs)`` for this call, or ``(None, None)`` after a fallback
-        (or, with ``build=False``, when the cache has no artifact; then ``Unsupported``
-        propagates instead of turning the cache off)."""
+    def _cached_step(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     build: bool = True) -> tuple[Any, list[torch.Tensor], Callable[[Any], Any]] | None:
+        """``(CachedStep, its tensor inputs, output decoder)`` for this call, or None after a
+        fallback (or, with ``build=False``, when the cache has no artifact; then
+        ``Unsupported`` propagates instead of turning the cache off)."""
+        try:
+            key, leaves = _flat.call_key(args, kwargs)
+            hit = self._calls.get(key)
+        except TypeError:  # an unhashable constant: the full path below says so
+            key, hit = None, None
+        if hit is not None:  # the common case, every step after the first: no Inputs, no signature
+            step, is_tensor, decode = hit
+            return step, [x for x, t in zip(leaves, is_tensor) if t], decode
+        found = self._find_step(args, kwargs, build)
+        if found is None:
+            return None
+        step, inputs = found
+        decode = _flat.decoder(step.out_spec, inputs.arg_defs)
+        if key is not None:
+            if len(self._calls) >= 64:  # many shapes (no dynamic batch): keep the table small
+                self._calls.clear()
+            self._calls[key] = (step, inputs.is_tensor, decode)
+        return step, inputs.tensors, decode
+
+    def _find_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], build: bool) -> tuple[Any, Any] | None:
+        """``(CachedStep, Inputs)``: looked up by signature, else loaded or built."""
         nums = self._batch_argnums(args)
         try:
             inputs = _aot.Inputs(args, kwargs, nums, static=False)
@@ -184,7 +210,7 @@ class Jitted:
                 step = _aot.compile_cached(self._target, args, kwargs, dynamic_argnums=nums, options=options,
                                            build_options=isa_options if self._isa else None, build=build)
                 if step is None:  # not built (build=False)
-                    return None, None
+                    return None
                 self._cached[sig] = step
                 if step.static and any(inputs.dynamic):
                     self._cached[("exact", _aot.Inputs(args, kwargs, nums, static=True).signature())] = step
@@ -199,9 +225,9 @@ class Jitted:
             warnings.warn(
                 f"lf.jit: {getattr(self.fn, '__qualname__', type(self.fn).__name__)} is not in the AOT cache "
                 f"({e}); compiling with torch.compile instead",
-                stacklevel=3,
+                stacklevel=4,
             )
-            return None, None
+            return None
         return step, inputs
 
 

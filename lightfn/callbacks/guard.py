@@ -49,11 +49,19 @@ class Versions:
         self.state = state
         # Plain leaves (no paths) on the hot path: the path is looked up only for an error.
         self.leaves = [x for x in tree.leaves(state) if isinstance(x, torch.Tensor)]
-        self.seen = [_version(x) for x in self.leaves]
+        # Read straight from the tensors (per step, per callback) unless one has no counter.
+        self._read = self._plain if not any(x.is_inference() for x in self.leaves) else self._guarded
+        self.seen = self._read()
+
+    def _plain(self) -> list[int]:
+        return [x._version for x in self.leaves]
+
+    def _guarded(self) -> list[int]:
+        return [_version(x) for x in self.leaves]
 
     def check(self, who: str) -> None:
         """Raise a :class:`FitError` naming ``who`` and the path if a tensor changed in place."""
-        now = [_version(x) for x in self.leaves]
+        now = self._read()
         if now == self.seen:
             return
         paths = [p for p, x in tree.leaves_with_path(self.state) if isinstance(x, torch.Tensor)]

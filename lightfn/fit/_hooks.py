@@ -26,7 +26,7 @@ from ._run import to_tree
 if TYPE_CHECKING:
     from ._loop import Loop
 
-__all__ = ["with_defaults", "check_state_keys", "context", "emit", "save", "notify_exception", "announce"]
+__all__ = ["with_defaults", "check_state_keys", "context", "emit", "overriding", "save", "notify_exception", "announce"]
 
 Hook = Callable[[Callback, Context], "Signal | None"]
 
@@ -88,14 +88,19 @@ def context(loop: Loop, stage: str, extra: Mapping[str, float] | None = None, *,
 
 
 def emit(loop: Loop, hook: Hook, stage: str = "train", extra: Mapping[str, float] | None = None, *,
-         state: Any = None, batch_metrics: Mapping[str, torch.Tensor] | None = None, eval_ok: bool = False) -> Any:
+         state: Any = None, batch_metrics: Mapping[str, torch.Tensor] | None = None, eval_ok: bool = False,
+         only: Sequence[int] | None = None) -> Any:
     """Call ``hook`` on every callback in order, applying each one's signal before the next
     runs; write the checkpoints asked for after all ran. Returns the ``eval_state`` asked
-    for (allowed only with ``eval_ok``: ``on_validation_start``), or None."""
+    for (allowed only with ``eval_ok``: ``on_validation_start``), or None.
+
+    ``only``: the indices of the callbacks that override ``hook`` (:func:`overriding`), for
+    per-step hooks: a callback that keeps the base class's no-op needs no context built."""
     run = loop.run
     saves, deletes, eval_state = [], [], None
     ctx: Context | None = None
-    for i, cb in enumerate(loop.callbacks):
+    for i in range(len(loop.callbacks)) if only is None else only:
+        cb = loop.callbacks[i]
         if ctx is None:  # rebuilt only after a signal changed what it shows
             ctx = context(loop, stage, extra, state=state, batch_metrics=batch_metrics)
             versions = Versions(ctx.state)
@@ -129,6 +134,13 @@ def emit(loop: Loop, hook: Hook, stage: str = "train", extra: Mapping[str, float
         if loop.writes and path not in saves:
             loop.processes.delete(path)  # rank 0 only
     return eval_state
+
+
+def overriding(callbacks: Sequence[Callback], hook: Callable[[type], Any]) -> tuple[int, ...]:
+    """The indices of the callbacks whose class overrides the :class:`Callback` method
+    ``hook`` reads from a class, e.g. ``overriding(cbs, lambda c: c.on_train_batch_end)``."""
+    base = hook(Callback)
+    return tuple(i for i, cb in enumerate(callbacks) if hook(type(cb)) is not base)
 
 
 def save(loop: Loop, path: str | Path, agreed: bool = True) -> None:

@@ -81,6 +81,8 @@ class Loop:
         # the last vote, 0 before it), so time-based callback decisions agree everywhere.
         self.clock: float | None = 0.0 if self.processes.voting else None
         hooks.check_state_keys(self.callbacks)
+        # Called after every step: only the callbacks that do something then.
+        self.on_batch_end = hooks.overriding(self.callbacks, lambda c: c.on_train_batch_end)
 
     @property
     def is_main(self) -> bool:
@@ -137,7 +139,8 @@ class Loop:
                         pos.batch, pos.step = pos.batch + 1, pos.step + 1
                         if pos.step % plan.log_every_n_steps == 0:
                             self.log_step(metrics)
-                        hooks.emit(self, lambda cb, ctx: cb.on_train_batch_end(ctx))
+                        if self.on_batch_end:
+                            hooks.emit(self, lambda cb, ctx: cb.on_train_batch_end(ctx), only=self.on_batch_end)
                         if plan.validate_after_batch(pos):
                             self.validate()
                         now = self.elapsed()
@@ -238,10 +241,11 @@ class Loop:
         eval_state = hooks.emit(self, lambda cb, ctx: cb.on_validation_start(ctx), stage=stage, eval_ok=True)
         state = self.run.state if eval_state is None else eval_state
         on_batch = None
-        if any(type(cb).on_validation_batch_end is not Callback.on_validation_batch_end for cb in self.callbacks):
+        only = hooks.overriding(self.callbacks, lambda c: c.on_validation_batch_end)
+        if only:
             def on_batch(metrics: Mapping[str, torch.Tensor]) -> None:
                 hooks.emit(self, lambda cb, ctx: cb.on_validation_batch_end(ctx), stage=stage, state=state,
-                           batch_metrics=metrics)
+                           batch_metrics=metrics, only=only)
         values: dict[str, float] = {}
         for (name, data), n in zip(self.val_sets.items(), counts):
             if stage == "sanity" and n == 0:
