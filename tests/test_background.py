@@ -230,8 +230,7 @@ def test_a_short_run_does_not_wait_and_its_build_lands_for_the_next_run(tmp_path
     monkeypatch.setattr(Jitted, "prepare", gated_prepare)
     _, lines, compiled = run(tmp_path, "short", True, max_epochs=1)
     assert compiled == {}
-    assert texts(lines)[-1] == ("the compiled step is still building in the background; a later run with this step "
-                                "loads it")
+    assert texts(lines)[-1] == "the compiled step builds in the background now; a later run with this step loads it"
     gate.write_text("")
     manifests = []
     for _ in range(3000):  # the detached child builds both graphs
@@ -243,6 +242,60 @@ def test_a_short_run_does_not_wait_and_its_build_lands_for_the_next_run(tmp_path
         pass
     _, lines, compiled = run(tmp_path, "next", True, max_epochs=1)
     assert compiled == {"train": 0, "eval": 0}
+
+
+def test_worth_building_weighs_the_time_left_against_the_build():
+    from lightfn.fit._background import PAYOFF, worth_building
+
+    assert worth_building(eager_left=None, build_seconds=20.0)  # unbounded: always
+    assert worth_building(eager_left=PAYOFF * 20.0, build_seconds=20.0)
+    assert not worth_building(eager_left=PAYOFF * 20.0 - 0.1, build_seconds=20.0)
+    assert not worth_building(eager_left=5.0, build_seconds=20.0)
+
+
+def test_build_seconds_are_read_from_the_cache_and_bad_records_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path))
+    assert background.build_seconds("train") is None
+    (tmp_path / "aot").mkdir()
+    (tmp_path / "aot" / "build-seconds.json").write_text('{"train": 12.5, "eval": -1}')
+    assert background.build_seconds("train") == 12.5 and background.build_seconds("eval") is None
+    (tmp_path / "aot" / "build-seconds.json").write_text("not json")
+    assert background.build_seconds("train") is None
+
+
+def _no_op_builds(monkeypatch, tmp_path, train_seconds):
+    """Builds that do nothing (so nothing loads and the steps stay eager), with a recorded
+    build time of ``train_seconds`` for the policy to weigh."""
+    monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "aot").mkdir(parents=True)
+    (tmp_path / "cache" / "aot" / "build-seconds.json").write_text(json.dumps({"train": train_seconds}))
+    monkeypatch.setattr(Jitted, "store", lambda self, *a, **k: None)
+    monkeypatch.setattr(Jitted, "prepare", lambda self, *a, **k: (lambda: None))
+
+
+def test_a_run_too_short_for_its_build_trains_undisturbed_and_builds_at_its_end(tmp_path, monkeypatch):
+    # 80 steps: the decision comes after at most 50 measured ones, with 28 or more left
+    # (well under a second) against a build recorded at 1000 s: the build waits for the end.
+    _no_op_builds(monkeypatch, tmp_path, 1000.0)
+    _, lines, compiled = run(tmp_path, "short", True, max_epochs=20)
+    said = texts(lines)
+    assert compiled == {}
+    assert not any(t.startswith("compiling in background") for t in said)
+    held = next(i for i, t in enumerate(said) if t.startswith("training eagerly: about "))
+    assert "too short to use a compile (about 1000 s here)" in said[held]
+    assert 3 <= lines[held][0] <= 51  # after 2 unmeasured steps, and 50 measured at most (or 0.25 s)
+    assert said[-1] == "the compiled step builds in the background now; a later run with this step loads it"
+
+
+def test_a_run_long_enough_for_its_build_starts_it_at_once(tmp_path, monkeypatch):
+    _no_op_builds(monkeypatch, tmp_path, 0.001)
+    _, lines, _ = run(tmp_path, "long", True, max_epochs=20)
+    said = texts(lines)
+    assert not any(t.startswith("training eagerly") for t in said)
+    step, _ = next((s, t) for s, t in lines if t.startswith("compiling in background"))
+    assert 3 <= step <= 51
+    # the no-op build reports ready, finds nothing to load, and says so once
+    assert sum(t.startswith("background compile of the train step failed") for t in said) == 1
 
 
 def _after_gate(gate, package):

@@ -40,8 +40,36 @@ import torch
 
 from .. import tree
 from .._diagnostics import first_line, fn_name
+from .cache import cache_dir, write_text_atomic
 
-__all__ = ["Builder", "Switching", "wait_requested"]
+__all__ = ["Builder", "Switching", "wait_requested", "build_seconds"]
+
+_TIMES = "build-seconds.json"  # in the AOT folder: how long each job name took to build here
+
+
+def build_seconds(name: str) -> float | None:
+    """How long the last background build of a job called ``name`` took on this machine
+    (from lightfn's cache folder), or None if none was recorded: what fit weighs against
+    the time a run has left before it starts a build (:mod:`lightfn.fit._background`)."""
+    try:
+        value = json.loads((cache_dir() / "aot" / _TIMES).read_text()).get(name)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _record_seconds(name: str, seconds: float) -> None:
+    path = cache_dir() / "aot" / _TIMES
+    try:
+        times = json.loads(path.read_text())
+        times = times if isinstance(times, dict) else {}
+    except (OSError, ValueError):
+        times = {}
+    times[name] = round(seconds, 2)
+    try:
+        write_text_atomic(path, json.dumps(times, sort_keys=True))
+    except OSError:
+        pass  # a cache that cannot be written only loses the estimate
 
 
 def wait_requested() -> bool:
@@ -65,7 +93,8 @@ class Builder:
 
     ``submit(name, store)`` queues ``store()`` (a function that builds one artifact into
     the cache); ``start()`` forks a child for everything queued if none is running;
-    ``poll()`` collects the results; ``status(name)`` is ``"queued"``, ``"building"``,
+    ``poll()`` collects the results (and, once a first child was started, starts the next
+    for jobs queued meanwhile); ``status(name)`` is ``"queued"``, ``"building"``,
     ``"ready"`` or ``"failed: <reason>"``.
     """
 
@@ -115,15 +144,22 @@ class Builder:
         """A child is building, or jobs wait for one."""
         return self._fd is not None or bool(self._queued)
 
-    def start(self) -> None:
-        """Fork a child for the queued jobs, unless one is running."""
+    @property
+    def building(self) -> bool:
+        """A child is building (started and not yet done)."""
+        return self._fd is not None
+
+    def start(self) -> bool:
+        """Fork a child for the queued jobs, unless one is running; True if one was forked.
+        When this process's forks cannot run autograd, the jobs' capture runs here first
+        (seconds)."""
         if self._fd is not None or not self._queued:
-            return
+            return False
         jobs, self._queued = self._queued, []
         if not _autograd_survives_fork():
             jobs = self._prepared(jobs)
             if not jobs:
-                return
+                return False
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the intermediate process: detach, fork the builder, leave
@@ -143,6 +179,7 @@ class Builder:
             self._status[job.name] = "building"
         if self.started is None:
             self.started = time.monotonic()
+        return True
 
     def _prepared(self, jobs: list[_Job]) -> list[_Job]:
         """The jobs with their autograd half done here (a failure is their result)."""
@@ -178,7 +215,7 @@ class Builder:
             *lines, self._buffer = self._buffer.split(b"\n")
             for line in lines:
                 self._read(json.loads(line))
-        if self._fd is None and self._queued:
+        if self._fd is None and self._queued and self.started is not None:
             self.start()
             if wait:
                 self.poll(wait=True)
@@ -238,11 +275,15 @@ def _build(fd: int, jobs: list[_Job]) -> None:
         inductor_config.compile_threads = 1
         _report(fd, {"pid": os.getpid()})
         for job in jobs:
+            began = time.monotonic()
             try:
                 job.store()
             except BaseException as e:  # noqa: BLE001 - reported to the parent, who decides
                 _report(fd, {"job": job.name, "error": f"{type(e).__name__}: {first_line(e)}"})
             else:
+                took = time.monotonic() - began
+                if took > 1.0:  # not an artifact another process had just built
+                    _record_seconds(job.name, took)
                 _report(fd, {"job": job.name, "ok": True})
         code = 0
     finally:

@@ -8,6 +8,18 @@ process. Each step keeps a :class:`Deferred`: eager until its artifact is report
 then the loaded artifact. If the cache already holds the artifact (a warm start), the first
 call loads it: compiled from the first step.
 
+When the build starts: a compile only pays for itself in a run long enough to use it. After
+a few eager steps, :class:`Background` estimates the eager time the run has left (steps left
+times the measured seconds per step, or what ``max_time`` leaves) and compares it with how
+long this machine took to build the step last time (recorded in lightfn's cache; 20 s
+before the first). With at least 1.5 times the build time left it starts the build at once.
+Otherwise the run trains eagerly to its end undisturbed (on a small machine the build's
+process would slow it) and the build starts as fit returns, detached, so the next run loads
+it: a short run never ends later than ``jit=False`` would, and a long one switches. (One
+exception: in a process whose forks cannot run autograd, see
+:mod:`lightfn._compile.background`, the capture runs in this process first, about 2 s.)
+With ``LIGHTFN_BACKGROUND_WAIT=1`` the build starts at once.
+
 The switch and what it means for resume:
 
 - :class:`Background` polls after every train step and switches a step as soon as its
@@ -37,10 +49,24 @@ from typing import Any
 
 import torch
 
-from .._compile.background import Builder, wait_requested
+from .._compile.background import Builder, build_seconds, wait_requested
 from .._compile.jit import Jitted
 
-__all__ = ["Deferred", "Background"]
+__all__ = ["Deferred", "Background", "worth_building", "DEFAULT_BUILD_SECONDS", "PAYOFF"]
+
+#: The build time assumed before one was recorded on this machine: a small step's first
+#: build on a 2-core CPU (issue 15's measurements: 18-24 s).
+DEFAULT_BUILD_SECONDS = 20.0
+#: Start a build only with this many build-times of eager training left: while it builds
+#: the child slows a small machine's steps a little, and the compiled steps after the
+#: switch must win that back (about 2x faster on the seed model).
+PAYOFF = 1.5
+
+
+def worth_building(*, eager_left: float | None, build_seconds: float) -> bool:
+    """Whether a build started now pays for itself within the run: ``eager_left`` is the
+    estimated eager time the run has left (None: unbounded)."""
+    return eager_left is None or eager_left >= PAYOFF * build_seconds
 
 
 class Deferred:
@@ -110,22 +136,51 @@ class Deferred:
 
 
 class Background:
-    """The loop's side: poll the builder, switch the steps, say what happened.
+    """The loop's side: decide when to build, poll the builder, switch the steps, say what
+    happened.
 
     ``announce(text)`` prints a progress line; ``record(name)`` notes the switch step in
-    the run.
+    the run; ``left()`` is ``(steps, seconds, known)``: the train steps and the time the
+    run has left (each None when that limit is absent), ``known`` False while the number
+    of steps cannot be told yet (a loader without ``len`` in its first epoch).
     """
 
     def __init__(self, builder: Builder, steps: list[Deferred], *, announce: Callable[[str], Any],
-                 record: Callable[[str], None]) -> None:
+                 record: Callable[[str], None], left: Callable[[], tuple[int | None, float | None, bool]]) -> None:
         self.builder = builder
         self.steps = steps
         self.announce = announce
         self.wait = wait_requested()
         self.said_building = False
         self.record = record
+        self.left = left
+        # None until decided; then whether the build runs during this fit (else at its end).
+        self.now: bool | None = True if self.wait else None
+        self._ticks = 0
+        self._since: float | None = None  # when the last unmeasured step ended
         for step in steps:
             step.on_switch = self._switched
+
+    def _decide(self) -> None:
+        """After a few eager steps: start the build now if the run is long enough to use it."""
+        self._ticks += 1
+        if self._ticks <= 2:  # the first steps pay one-off costs (first call, allocations)
+            self._since = time.monotonic()
+            return
+        assert self._since is not None
+        span, measured = time.monotonic() - self._since, self._ticks - 2
+        if span < 0.25 and measured < 50:
+            return
+        steps, seconds, known = self.left()
+        if not known:
+            return  # asked again once an epoch showed how many steps it has
+        estimates = [x for x in (None if steps is None else steps * span / measured, seconds) if x is not None]
+        eager_left = min(estimates) if estimates else None
+        build = build_seconds("train") or DEFAULT_BUILD_SECONDS
+        self.now = worth_building(eager_left=eager_left, build_seconds=build)
+        if not self.now:
+            self.announce(f"training eagerly: about {eager_left:.0f} s left, too short to use a compile (about "
+                          f"{build:.0f} s here); it builds in the background when this run ends")
 
     def _switched(self, name: str) -> None:
         self.record(name)
@@ -139,9 +194,13 @@ class Background:
     def tick(self, state: Any, train_acc: Any, eval_acc: Any, *, epoch_end: bool = False) -> None:
         """After a train step (``epoch_end``: at the end of an epoch): poll, and switch
         every step whose artifact is ready."""
-        if self.settled:
+        if self.settled or self.now is False:  # (held for the end of the run: nothing to poll)
             return
-        if not self.said_building and self.builder.busy:
+        if self.now is None and not epoch_end:
+            self._decide()
+        if self.now:
+            self.builder.start()
+        if not self.said_building and self.builder.building:
             self.said_building = True
             self.announce("compiling in background (training eagerly meanwhile)")
         self.builder.poll(wait=self.wait and epoch_end)
@@ -160,9 +219,12 @@ class Background:
             self.announce(f"compiled ({took:.1f} s): the {steps} compiled")
 
     def finish(self) -> None:
-        """fit is ending: stop listening; a build still running finishes on its own."""
+        """fit is ending: stop listening; a build still running finishes on its own, and
+        one held back (a short run) starts now, for the next run."""
         self.builder.poll()
-        if self.builder.busy:
+        if self.builder.building:
             self.announce("the compiled step is still building in the background; a later run with this "
                           "step loads it")
+        elif self.builder.busy and self.builder.start():
+            self.announce("the compiled step builds in the background now; a later run with this step loads it")
         self.builder.close()

@@ -76,7 +76,9 @@ class Loop:
         # Graphs compiled in the background (lightfn/fit/_background.py): switched when built.
         deferred = [step.deferred for step in (self.train, self.evaluate) if step is not None and step.deferred]
         self.background = None if not deferred else Background(
-            deferred[0].builder, deferred, announce=lambda text: hooks.announce(self, text), record=self._compiled_now)
+            deferred[0].builder, deferred, announce=lambda text: hooks.announce(self, text), record=self._compiled_now,
+            left=self.left)
+        self.epoch_batches: int | None = None  # the first full epoch's batch count (a loader without len)
         # What callbacks see as elapsed time. Ranks that vote share one clock (the largest at
         # the last vote, 0 before it), so time-based callback decisions agree everywhere.
         self.clock: float | None = 0.0 if self.processes.voting else None
@@ -206,6 +208,19 @@ class Loop:
         layout = None if self.evaluate is None else self.evaluate.layout
         self.background.tick(self.run.state, self.run.acc, layout, epoch_end=epoch_end)
 
+    def left(self) -> tuple[int | None, float | None, bool]:
+        """``(steps, seconds, known)``: the train steps and seconds the run has left by its
+        limits (None: that limit is absent); ``known`` is False while ``max_epochs`` bounds
+        the run but the epoch length is not known yet."""
+        plan, pos = self.plan, self.run.position
+        per_epoch = plan.train_batches if plan.train_batches is not None else self.epoch_batches
+        bounds = [] if plan.max_steps is None else [plan.max_steps - pos.step]
+        if plan.max_epochs is not None and per_epoch is not None:
+            bounds.append((plan.max_epochs - pos.epoch) * per_epoch - pos.batch)
+        seconds = None if plan.max_time is None else plan.max_time - pos.elapsed - self.elapsed()
+        known = not (plan.max_epochs is not None and per_epoch is None and not bounds and seconds is None)
+        return (max(0, min(bounds)) if bounds else None), seconds, known
+
     def _compiled_now(self, name: str) -> None:
         """Record that graph ``name`` runs compiled from the current step on."""
         self.run.compiled.setdefault(name, self.run.position.step)
@@ -223,6 +238,8 @@ class Loop:
         pos = run.position
         if run.acc is None or (pos.batch == 0 and not pos.epoch_done):
             raise _no_batches(pos.epoch)
+        if self.epoch_batches is None and not cut:
+            self.epoch_batches = pos.batch
         if self.background is not None:
             self.tick(epoch_end=True)
         self.log({f"train/{with_suffix(k, '_epoch')}": v for k, v in self.train.values(self.processes.sum(run.acc)).items()})
