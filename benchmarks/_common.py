@@ -261,17 +261,35 @@ def _proc_status_bytes(key: str) -> int:
 # ----------------------------------------------------------------------------- probes
 
 
-def wait_for_build(lightfn_cache: pathlib.Path) -> None:
-    """Wait until no background build holds the AOT folder's build lock in
-    ``lightfn_cache`` (fit's builder takes it as it starts, right after the first steps),
-    so a build a timed process left running does not share the cores with the next one."""
+def wait_for_build(lightfn_cache: pathlib.Path, timeout: float = 900) -> None:
+    """Wait until no process built with ``LIGHTFN_CACHE_DIR=lightfn_cache`` is left (a
+    detached background build inherits it; one started as its process ended may not have
+    taken the build lock yet) and nothing holds the AOT folder's build lock, so a build a
+    timed process left running does not share the cores with the next one."""
     import fcntl
 
+    marker = f"LIGHTFN_CACHE_DIR={lightfn_cache}".encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _processes_with(marker):
+        time.sleep(0.1)
     folder = lightfn_cache / "aot"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".build.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _processes_with(env_entry: bytes) -> bool:
+    """Whether another live process has ``env_entry`` (``NAME=value``) in its environment."""
+    for proc in pathlib.Path("/proc").glob("[0-9]*"):
+        if proc.name == str(os.getpid()):
+            continue
+        try:
+            if env_entry in (proc / "environ").read_bytes().split(b"\0"):
+                return True
+        except OSError:
+            continue  # gone, or not ours
+    return False
 
 
 def run_probe(script: pathlib.Path, argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600) -> dict[str, Any]:
