@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -245,7 +248,7 @@ def test_a_short_run_does_not_wait_and_its_build_lands_for_the_next_run(tmp_path
 
 
 def test_worth_building_weighs_the_time_left_against_the_build():
-    from lightfn.fit._background import PAYOFF, worth_building
+    from lightfn._compile.background import PAYOFF, worth_building
 
     assert worth_building(eager_left=None, build_seconds=20.0)  # unbounded: always
     assert worth_building(eager_left=PAYOFF * 20.0, build_seconds=20.0)
@@ -310,9 +313,55 @@ def background_lock(folder):
     return build_lock(folder)
 
 
+def test_jit_background_starts_its_build_once_the_eager_calls_took_long_enough(tmp_path, monkeypatch):
+    # The budget is PAYOFF x the recorded build time: 1000 s holds the build; 1 us starts
+    # it at the second call (the first call's eager time is already over 1.5 us).
+    step, state, train, _ = problem()
+    batch = next(iter(lf.data.iterate(train, 0)))
+    for seconds, started in ((1000.0, False), (1e-6, True)):
+        monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path / str(seconds)))
+        (tmp_path / str(seconds) / "aot").mkdir(parents=True)
+        (tmp_path / str(seconds) / "aot" / "build-seconds.json").write_text(json.dumps({"fn": seconds}))
+        monkeypatch.setattr(Jitted, "store", lambda self, *a, **k: time.sleep(0.01))
+        fast = lf.jit(step, background=True)
+        s = lf.tree.map(torch.clone, state)
+        with warnings.catch_warnings():  # (the no-op build, if already reported, "failed" to load)
+            warnings.simplefilter("ignore")
+            for _ in range(3):
+                s, _ = fast(s, batch)
+        assert (fast.background.builder.started is not None) == started, seconds
+        assert fast.switched_at is None
+        fast.background.builder.close()  # nothing left queued to build as the test process exits
+
+
+def test_jit_background_starts_a_build_never_started_as_the_process_exits(tmp_path):
+    # A short script: the first call queues the build (held: 1000 s recorded); at exit the
+    # detached child runs it. Its store is replaced by one that leaves a marker file.
+    cache, marker = tmp_path / "cache", tmp_path / "built"
+    (cache / "aot").mkdir(parents=True)
+    (cache / "aot" / "build-seconds.json").write_text(json.dumps({"fn": 1000.0}))
+    script = f"""
+import pathlib, torch, lightfn as lf
+from lightfn._compile.jit import Jitted
+Jitted.store = lambda self, *a, **k: pathlib.Path({str(marker)!r}).write_text("ok")
+fast = lf.jit(lambda x: (x * 2).sum(), background=True)
+fast(torch.ones(3)); fast(torch.ones(3))
+assert fast.background.builder.started is None
+"""
+    env = {**os.environ, "LIGHTFN_CACHE_DIR": str(cache)}
+    env.pop("LIGHTFN_BACKGROUND_WAIT", None)
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+    for _ in range(600):
+        if marker.exists():
+            break
+        time.sleep(0.1)
+    assert marker.read_text() == "ok"
+
+
 @pytest.mark.compile
 def test_jit_background_calls_eagerly_until_built_then_compiled(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LIGHTFN_BACKGROUND_WAIT", "1")  # the build starts at the first call
     step, state, train, _ = problem()
     batches = list(lf.data.iterate(train, 0))
     eager_state = lf.tree.map(torch.clone, state)

@@ -33,6 +33,7 @@ import select
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +43,23 @@ from .. import tree
 from .._diagnostics import first_line, fn_name
 from .cache import cache_dir, write_text_atomic
 
-__all__ = ["Builder", "Switching", "wait_requested", "build_seconds"]
+__all__ = ["Builder", "Switching", "wait_requested", "build_seconds", "worth_building", "DEFAULT_BUILD_SECONDS",
+           "PAYOFF"]
+
+#: The build time assumed before one was recorded on this machine: a small step's first
+#: build on a 2-core CPU took 18-45 s, the other examples' 40-210 s (benchmarks/short_jobs.py):
+#: without a record, only a run with minutes of eager work left starts a build beside it.
+DEFAULT_BUILD_SECONDS = 60.0
+#: Start a build only with this many build-times of eager work left: while it builds the
+#: child slows a small machine's steps a little, and the compiled steps after the switch
+#: must win that back (about 2x faster on the seed model).
+PAYOFF = 1.5
+
+
+def worth_building(*, eager_left: float | None, build_seconds: float) -> bool:
+    """Whether a build started now pays for itself: ``eager_left`` is the estimated eager
+    time left (None: unbounded)."""
+    return eager_left is None or eager_left >= PAYOFF * build_seconds
 
 _TIMES = "build-seconds.json"  # in the AOT folder: how long each job name took to build here
 
@@ -301,11 +318,16 @@ class Switching:
     """``lf.jit(fn, background=True)``: eager calls at once, compiled calls once built.
 
     The first call looks for ``fn``'s artifact in the AOT cache (a warm start loads it and
-    every call is compiled). Otherwise it runs ``fn`` eagerly and hands the build to a
-    :class:`Builder`; each later call polls it (a non-blocking read) and runs eagerly until
-    the artifact is ready, then loads it: from that call on, ``fn`` runs compiled. Which call
-    switched is ``switched_at`` (a count of calls). Eager and compiled results agree to float
-    rounding; a loop that needs one numeric path throughout uses plain ``lf.jit``.
+    every call is compiled). Otherwise it runs ``fn`` eagerly and queues the build. A loop's
+    length is not known here, so the build starts once the eager calls have taken
+    :data:`PAYOFF` times the build time this machine recorded (a loop that has run that long
+    likely runs as long again; a shorter one is never slowed by a build beside it), or at
+    once with ``LIGHTFN_BACKGROUND_WAIT=1``. A build never started in this process starts as
+    it exits, detached, so the next run loads the artifact. Each call polls the running
+    build (a non-blocking read) and runs eagerly until the artifact is ready, then loads it:
+    from that call on, ``fn`` runs compiled. Which call switched is ``switched_at`` (a count
+    of calls). Eager and compiled results agree to float rounding; a loop that needs one
+    numeric path throughout uses plain ``lf.jit``.
     """
 
     def __init__(self, jitted: Any) -> None:
@@ -314,6 +336,8 @@ class Switching:
         self.calls = 0
         self.switched_at: int | None = None
         self.failed: str | None = None
+        self.eager_seconds = 0.0  # spent in eager calls so far
+        self._budget: float | None = None  # eager seconds before the build starts
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         jitted, first = self.jitted, self.calls == 0
@@ -329,11 +353,18 @@ class Switching:
                 # fork after CUDA is initialized is unsafe: build here, now, as cache=True does
                 jitted.background = None
                 return jitted(*args, **kwargs)
-            out = jitted.eager(*args, **kwargs)
+            out = self._eager(args, kwargs)
             self.builder.submit_jitted("fn", jitted, args, kwargs)
-            self.builder.start()
+            self._budget = 0.0 if wait_requested() else PAYOFF * (build_seconds("fn") or DEFAULT_BUILD_SECONDS)
+            # At exit, whatever is still queued starts, detached (the object lives until then:
+            # its builder's job refers back to it through jitted).
+            weakref.finalize(self, self.builder.start)
+            if self.eager_seconds >= self._budget:
+                self.builder.start()
             return out
         if self.switched_at is None and self.failed is None:
+            if self._budget is not None and self.eager_seconds >= self._budget:
+                self.builder.start()
             self.builder.poll()
             status = self.builder.status("fn") or ""
             if status == "ready":
@@ -346,4 +377,10 @@ class Switching:
                 self.failed = status[len("failed: "):]
                 warnings.warn(f"lf.jit: the background compile of {fn_name(jitted.fn)} failed ({self.failed}); "
                               "it runs eagerly", stacklevel=3)
-        return jitted.eager(*args, **kwargs)
+        return self._eager(args, kwargs)
+
+    def _eager(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        began = time.monotonic()
+        out = self.jitted.eager(*args, **kwargs)
+        self.eager_seconds += time.monotonic() - began
+        return out

@@ -11,7 +11,7 @@ call loads it: compiled from the first step.
 When the build starts: a compile only pays for itself in a run long enough to use it. After
 a few eager steps, :class:`Background` estimates the eager time the run has left (steps left
 times the measured seconds per step, or what ``max_time`` leaves) and compares it with how
-long this machine took to build the step last time (recorded in lightfn's cache; 20 s
+long this machine took to build the step last time (recorded in lightfn's cache; 60 s
 before the first). With at least 1.5 times the build time left it starts the build at once.
 Otherwise the run trains eagerly to its end undisturbed (on a small machine the build's
 process would slow it) and the build starts as fit returns, detached, so the next run loads
@@ -49,24 +49,10 @@ from typing import Any
 
 import torch
 
-from .._compile.background import Builder, build_seconds, wait_requested
+from .._compile.background import DEFAULT_BUILD_SECONDS, Builder, build_seconds, wait_requested, worth_building
 from .._compile.jit import Jitted
 
-__all__ = ["Deferred", "Background", "worth_building", "DEFAULT_BUILD_SECONDS", "PAYOFF"]
-
-#: The build time assumed before one was recorded on this machine: a small step's first
-#: build on a 2-core CPU (issue 15's measurements: 18-24 s).
-DEFAULT_BUILD_SECONDS = 20.0
-#: Start a build only with this many build-times of eager training left: while it builds
-#: the child slows a small machine's steps a little, and the compiled steps after the
-#: switch must win that back (about 2x faster on the seed model).
-PAYOFF = 1.5
-
-
-def worth_building(*, eager_left: float | None, build_seconds: float) -> bool:
-    """Whether a build started now pays for itself within the run: ``eager_left`` is the
-    estimated eager time the run has left (None: unbounded)."""
-    return eager_left is None or eager_left >= PAYOFF * build_seconds
+__all__ = ["Deferred", "Background"]
 
 
 class Deferred:
