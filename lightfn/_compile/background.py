@@ -33,7 +33,6 @@ import select
 import sys
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -119,6 +118,7 @@ class Builder:
         self._queued: list[_Job] = []
         self._running: list[str] = []  # the names the running child builds
         self._fd: int | None = None
+        self._go: int | None = None  # the write end a held child waits on (see start)
         self._buffer = b""
         self._status: dict[str, str] = {}
         self.pid: int | None = None  # the running child's pid (after its first report)
@@ -166,10 +166,20 @@ class Builder:
         """A child is building (started and not yet done)."""
         return self._fd is not None
 
-    def start(self) -> bool:
+    @property
+    def held(self) -> bool:
+        """A child started with ``hold=True`` waits for :meth:`release` (or this process's end)."""
+        return self._go is not None
+
+    def start(self, *, hold: bool = False) -> bool:
         """Fork a child for the queued jobs, unless one is running; True if one was forked.
         When this process's forks cannot run autograd, the jobs' capture runs here first
-        (seconds)."""
+        (seconds).
+
+        ``hold``: the child waits, idle, until :meth:`release` or :meth:`close` is called
+        or this process ends, whichever comes first, then builds: a build that must not
+        compete with this process now but should land for the next run (forking at exit
+        is too late: the interpreter refuses the ``atexit`` registrations compiling makes)."""
         if self._fd is not None or not self._queued:
             return False
         jobs, self._queued = self._queued, []
@@ -178,16 +188,22 @@ class Builder:
             if not jobs:
                 return False
         read, write = os.pipe()
+        go_read, go_write = os.pipe() if hold else (None, None)
         pid = os.fork()
         if pid == 0:  # the intermediate process: detach, fork the builder, leave
             try:
                 os.close(read)
+                if go_write is not None:
+                    os.close(go_write)
                 os.setsid()
                 if os.fork() == 0:
-                    _build(write, jobs)  # never returns
+                    _build(write, jobs, go_read)  # never returns
             finally:
                 os._exit(0)
         os.close(write)
+        if go_read is not None:
+            os.close(go_read)
+        self._go = go_write
         os.waitpid(pid, 0)
         os.set_blocking(read, False)
         self._fd, self._buffer = read, b""
@@ -223,6 +239,9 @@ class Builder:
             if not chunk:  # the child exited: whatever it did not report failed
                 os.close(self._fd)
                 self._fd = None
+                if self._go is not None:
+                    os.close(self._go)
+                    self._go = None
                 for name in self._running:
                     if self._status.get(name) == "building":
                         self._status[name] = "failed: the build process ended without a result"
@@ -245,8 +264,20 @@ class Builder:
         else:
             self._status[report["job"]] = "ready"
 
+    def release(self) -> None:
+        """Let a held child build now."""
+        if self._go is not None:
+            try:
+                os.write(self._go, b"g")
+            except OSError:
+                pass  # it has gone: its jobs fail when poll sees its pipe close
+            os.close(self._go)
+            self._go = None
+
     def close(self) -> None:
-        """Stop listening (the child, if still building, finishes on its own)."""
+        """Stop listening (the child, if still building, finishes on its own; a held one
+        is released)."""
+        self.release()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -271,8 +302,9 @@ def _autograd_survives_fork() -> bool:
     return os.waitpid(pid, 0)[1] == 0
 
 
-def _build(fd: int, jobs: list[_Job]) -> None:
-    """The child: build each job, report each result as one JSON line, exit."""
+def _build(fd: int, jobs: list[_Job], go: int | None = None) -> None:
+    """The child: (when ``go`` is a pipe, wait for a byte or its end first) build each job,
+    report each result as one JSON line, exit."""
     code = 1
     try:
         null = os.open(os.devnull, os.O_RDWR)
@@ -291,6 +323,8 @@ def _build(fd: int, jobs: list[_Job]) -> None:
 
         inductor_config.compile_threads = 1
         _report(fd, {"pid": os.getpid()})
+        if go is not None:
+            os.read(go, 1)  # b"g" from release(), or b"" once the parent (and its copies) closed it
         for job in jobs:
             began = time.monotonic()
             try:
@@ -322,8 +356,8 @@ class Switching:
     length is not known here, so the build starts once the eager calls have taken
     :data:`PAYOFF` times the build time this machine recorded (a loop that has run that long
     likely runs as long again; a shorter one is never slowed by a build beside it), or at
-    once with ``LIGHTFN_BACKGROUND_WAIT=1``. A build never started in this process starts as
-    it exits, detached, so the next run loads the artifact. Each call polls the running
+    once with ``LIGHTFN_BACKGROUND_WAIT=1``. The build's child is forked at the first call and
+    waits idle until then; if this process ends first, the child builds for the next run. Each call polls the running
     build (a non-blocking read) and runs eagerly until the artifact is ready, then loads it:
     from that call on, ``fn`` runs compiled. Which call switched is ``switched_at`` (a count
     of calls). Eager and compiled results agree to float rounding; a loop that needs one
@@ -337,7 +371,7 @@ class Switching:
         self.switched_at: int | None = None
         self.failed: str | None = None
         self.eager_seconds = 0.0  # spent in eager calls so far
-        self._budget: float | None = None  # eager seconds before the build starts
+        self._budget = 0.0  # eager seconds before the build starts (set at the first call)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         jitted, first = self.jitted, self.calls == 0
@@ -356,15 +390,12 @@ class Switching:
             out = self._eager(args, kwargs)
             self.builder.submit_jitted("fn", jitted, args, kwargs)
             self._budget = 0.0 if wait_requested() else PAYOFF * (build_seconds("fn") or DEFAULT_BUILD_SECONDS)
-            # At exit, whatever is still queued starts, detached (the object lives until then:
-            # its builder's job refers back to it through jitted).
-            weakref.finalize(self, self.builder.start)
-            if self.eager_seconds >= self._budget:
-                self.builder.start()
+            # Forked now, held until the budget is spent or this process ends (see Builder.start).
+            self.builder.start(hold=self.eager_seconds < self._budget)
             return out
         if self.switched_at is None and self.failed is None:
-            if self._budget is not None and self.eager_seconds >= self._budget:
-                self.builder.start()
+            if self.builder.held and self.eager_seconds >= self._budget:
+                self.builder.release()
             self.builder.poll()
             status = self.builder.status("fn") or ""
             if status == "ready":
