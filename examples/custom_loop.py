@@ -6,8 +6,9 @@
 ``fit`` is a convenience, not a gate: everything it does is a public primitive. The same
 model as ``autoencoder.py`` is trained here by a loop that fits on one screen:
 ``lf.train_step`` builds the pure step, ``lf.jit`` compiles it (``donate=True``: the new
-state is written into the old state's memory; ``background=True``: the first steps run
-eagerly while a child process builds the graph), ``lf.data.ArrayLoader.iter_epoch`` gives
+state is written into the old state's memory; ``background=True``: the steps run
+eagerly, and once they have taken longer than a build would, a child process builds the
+graph and the loop switches to it), ``lf.data.ArrayLoader.iter_epoch`` gives
 each epoch's batches, a ``CSVLogger`` records metrics and ``lf.save`` writes the state
 as safetensors after every epoch. Losses are summed on the device and copied to the host
 only when logged, so the step never waits for the host.
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     model = autoencoder()
     opt = lf.optim.adam(args.lr)
     state = lf.tree.to_device(lf.TrainState.create(params=model.params, optimizer=opt, seed=args.seed), device)
-    # On a CPU the graphs build in a child process while the first steps run eagerly
-    # (background=True; a later run loads them at once); --jit-mode sync compiles up front.
+    # On a CPU the steps run eagerly and the graphs build in a child process once the loop
+    # has run long enough to use them (background=True; a later run loads them at once);
+    # --jit-mode sync compiles up front.
     background = device.type == "cpu" and args.jit_mode != "sync"
     step_fn = lf.jit(lf.train_step(model.loss_fn, opt), donate=True, disable=args.no_jit, background=background)
     eval_fn = lf.jit(lf.eval_step(model.loss_fn), disable=args.no_jit, background=background)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import warnings
 
@@ -314,8 +312,8 @@ def background_lock(folder):
 
 
 def test_jit_background_starts_its_build_once_the_eager_calls_took_long_enough(tmp_path, monkeypatch):
-    # The budget is PAYOFF x the recorded build time: 1000 s holds the build's child; with
-    # 1 us it builds at once (the first call's eager time is already over 1.5 us).
+    # The budget is PAYOFF x the recorded build time: 1000 s holds the build; 1 us starts
+    # it at the second call (the first call's eager time is already over 1.5 us).
     step, state, train, _ = problem()
     batch = next(iter(lf.data.iterate(train, 0)))
     for seconds, started in ((1000.0, False), (1e-6, True)):
@@ -329,33 +327,9 @@ def test_jit_background_starts_its_build_once_the_eager_calls_took_long_enough(t
             warnings.simplefilter("ignore")
             for _ in range(3):
                 s, _ = fast(s, batch)
-        assert fast.background.builder.held != started, seconds
+        assert (fast.background.builder.started is not None) == started, seconds
         assert fast.switched_at is None
-        fast.background.builder.close()  # (a held child builds now: the no-op store it was forked with)
-
-
-def test_jit_background_builds_a_held_build_once_the_process_exits(tmp_path):
-    # A short script: the first call forks the build's child, held (1000 s recorded); when
-    # the script ends the child builds. Its store is replaced by one that leaves a marker.
-    cache, marker = tmp_path / "cache", tmp_path / "built"
-    (cache / "aot").mkdir(parents=True)
-    (cache / "aot" / "build-seconds.json").write_text(json.dumps({"fn": 1000.0}))
-    script = f"""
-import pathlib, torch, lightfn as lf
-from lightfn._compile.jit import Jitted
-Jitted.store = lambda self, *a, **k: pathlib.Path({str(marker)!r}).write_text("ok")
-fast = lf.jit(lambda x: (x * 2).sum(), background=True)
-fast(torch.ones(3)); fast(torch.ones(3))
-assert fast.background.builder.held  # forked at the first call, waiting
-"""
-    env = {**os.environ, "LIGHTFN_CACHE_DIR": str(cache)}
-    env.pop("LIGHTFN_BACKGROUND_WAIT", None)
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
-    for _ in range(600):
-        if marker.exists():
-            break
-        time.sleep(0.1)
-    assert marker.read_text() == "ok"
+        fast.background.builder.close()
 
 
 @pytest.mark.compile

@@ -118,7 +118,6 @@ class Builder:
         self._queued: list[_Job] = []
         self._running: list[str] = []  # the names the running child builds
         self._fd: int | None = None
-        self._go: int | None = None  # the write end a held child waits on (see start)
         self._buffer = b""
         self._status: dict[str, str] = {}
         self.pid: int | None = None  # the running child's pid (after its first report)
@@ -166,20 +165,10 @@ class Builder:
         """A child is building (started and not yet done)."""
         return self._fd is not None
 
-    @property
-    def held(self) -> bool:
-        """A child started with ``hold=True`` waits for :meth:`release` (or this process's end)."""
-        return self._go is not None
-
-    def start(self, *, hold: bool = False) -> bool:
+    def start(self) -> bool:
         """Fork a child for the queued jobs, unless one is running; True if one was forked.
         When this process's forks cannot run autograd, the jobs' capture runs here first
-        (seconds).
-
-        ``hold``: the child waits, idle, until :meth:`release` or :meth:`close` is called
-        or this process ends, whichever comes first, then builds: a build that must not
-        compete with this process now but should land for the next run (forking at exit
-        is too late: the interpreter refuses the ``atexit`` registrations compiling makes)."""
+        (seconds)."""
         if self._fd is not None or not self._queued:
             return False
         jobs, self._queued = self._queued, []
@@ -188,22 +177,16 @@ class Builder:
             if not jobs:
                 return False
         read, write = os.pipe()
-        go_read, go_write = os.pipe() if hold else (None, None)
         pid = os.fork()
         if pid == 0:  # the intermediate process: detach, fork the builder, leave
             try:
                 os.close(read)
-                if go_write is not None:
-                    os.close(go_write)
                 os.setsid()
                 if os.fork() == 0:
-                    _build(write, jobs, go_read)  # never returns
+                    _build(write, jobs)  # never returns
             finally:
                 os._exit(0)
         os.close(write)
-        if go_read is not None:
-            os.close(go_read)
-        self._go = go_write
         os.waitpid(pid, 0)
         os.set_blocking(read, False)
         self._fd, self._buffer = read, b""
@@ -239,9 +222,6 @@ class Builder:
             if not chunk:  # the child exited: whatever it did not report failed
                 os.close(self._fd)
                 self._fd = None
-                if self._go is not None:
-                    os.close(self._go)
-                    self._go = None
                 for name in self._running:
                     if self._status.get(name) == "building":
                         self._status[name] = "failed: the build process ended without a result"
@@ -264,20 +244,8 @@ class Builder:
         else:
             self._status[report["job"]] = "ready"
 
-    def release(self) -> None:
-        """Let a held child build now."""
-        if self._go is not None:
-            try:
-                os.write(self._go, b"g")
-            except OSError:
-                pass  # it has gone: its jobs fail when poll sees its pipe close
-            os.close(self._go)
-            self._go = None
-
     def close(self) -> None:
-        """Stop listening (the child, if still building, finishes on its own; a held one
-        is released)."""
-        self.release()
+        """Stop listening (the child, if still building, finishes on its own)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -302,9 +270,8 @@ def _autograd_survives_fork() -> bool:
     return os.waitpid(pid, 0)[1] == 0
 
 
-def _build(fd: int, jobs: list[_Job], go: int | None = None) -> None:
-    """The child: (when ``go`` is a pipe, wait for a byte or its end first) build each job,
-    report each result as one JSON line, exit."""
+def _build(fd: int, jobs: list[_Job]) -> None:
+    """The child: build each job, report each result as one JSON line, exit."""
     code = 1
     try:
         null = os.open(os.devnull, os.O_RDWR)
@@ -323,8 +290,6 @@ def _build(fd: int, jobs: list[_Job], go: int | None = None) -> None:
 
         inductor_config.compile_threads = 1
         _report(fd, {"pid": os.getpid()})
-        if go is not None:
-            os.read(go, 1)  # b"g" from release(), or b"" once the parent (and its copies) closed it
         for job in jobs:
             began = time.monotonic()
             try:
@@ -356,8 +321,11 @@ class Switching:
     length is not known here, so the build starts once the eager calls have taken
     :data:`PAYOFF` times the build time this machine recorded (a loop that has run that long
     likely runs as long again; a shorter one is never slowed by a build beside it), or at
-    once with ``LIGHTFN_BACKGROUND_WAIT=1``. The build's child is forked at the first call and
-    waits idle until then; if this process ends first, the child builds for the next run. Each call polls the running
+    once with ``LIGHTFN_BACKGROUND_WAIT=1``. A loop that ends sooner leaves no artifact behind
+    (use ``lf.jit(fn, cache=True)`` once, or ``fit``, to build one): a build cannot start at
+    interpreter exit (compiling registers ``atexit`` work, refused then), and a child
+    forked earlier and held idle makes every page the loop writes a copy-on-write fault
+    (measured: 1.2x a short loop's time). Each call polls the running
     build (a non-blocking read) and runs eagerly until the artifact is ready, then loads it:
     from that call on, ``fn`` runs compiled. Which call switched is ``switched_at`` (a count
     of calls). Eager and compiled results agree to float rounding; a loop that needs one
@@ -390,12 +358,12 @@ class Switching:
             out = self._eager(args, kwargs)
             self.builder.submit_jitted("fn", jitted, args, kwargs)
             self._budget = 0.0 if wait_requested() else PAYOFF * (build_seconds("fn") or DEFAULT_BUILD_SECONDS)
-            # Forked now, held until the budget is spent or this process ends (see Builder.start).
-            self.builder.start(hold=self.eager_seconds < self._budget)
+            if self.eager_seconds >= self._budget:
+                self.builder.start()
             return out
         if self.switched_at is None and self.failed is None:
-            if self.builder.held and self.eager_seconds >= self._budget:
-                self.builder.release()
+            if self.eager_seconds >= self._budget:
+                self.builder.start()
             self.builder.poll()
             status = self.builder.status("fn") or ""
             if status == "ready":
