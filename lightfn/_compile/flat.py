@@ -16,8 +16,8 @@ signature take (a 1 ms step is a third overhead otherwise).
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
