@@ -235,7 +235,7 @@ def test_a_short_run_does_not_wait_and_its_build_lands_for_the_next_run(tmp_path
     gate.write_text("")
     manifests = []
     for _ in range(3000):  # the detached child builds both graphs
-        manifests = [p for p in (tmp_path / "cache" / "aot").glob("*.json")]
+        manifests = [p for p in (tmp_path / "cache" / "aot").glob("*.json") if not p.name.startswith(".")]
         if len(manifests) == 2:
             break
         time.sleep(0.1)
@@ -258,9 +258,9 @@ def test_build_seconds_are_read_from_the_cache_and_bad_records_ignored(tmp_path,
     monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path))
     assert background.build_seconds("train") is None
     (tmp_path / "aot").mkdir()
-    (tmp_path / "aot" / "build-seconds.json").write_text('{"train": 12.5, "eval": -1}')
+    (tmp_path / "aot" / ".build-seconds.json").write_text('{"train": 12.5, "eval": -1}')
     assert background.build_seconds("train") == 12.5 and background.build_seconds("eval") is None
-    (tmp_path / "aot" / "build-seconds.json").write_text("not json")
+    (tmp_path / "aot" / ".build-seconds.json").write_text("not json")
     assert background.build_seconds("train") is None
 
 
@@ -269,7 +269,7 @@ def _no_op_builds(monkeypatch, tmp_path, train_seconds):
     build time of ``train_seconds`` for the policy to weigh."""
     monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "cache" / "aot").mkdir(parents=True)
-    (tmp_path / "cache" / "aot" / "build-seconds.json").write_text(json.dumps({"train": train_seconds}))
+    (tmp_path / "cache" / "aot" / ".build-seconds.json").write_text(json.dumps({"train": train_seconds}))
     monkeypatch.setattr(Jitted, "store", lambda self, *a, **k: None)
     monkeypatch.setattr(Jitted, "prepare", lambda self, *a, **k: (lambda: None))
 
@@ -319,7 +319,7 @@ def test_jit_background_starts_its_build_once_the_eager_calls_took_long_enough(t
     for seconds, started in ((1000.0, False), (1e-6, True)):
         monkeypatch.setenv("LIGHTFN_CACHE_DIR", str(tmp_path / str(seconds)))
         (tmp_path / str(seconds) / "aot").mkdir(parents=True)
-        (tmp_path / str(seconds) / "aot" / "build-seconds.json").write_text(json.dumps({"fn": seconds}))
+        (tmp_path / str(seconds) / "aot" / ".build-seconds.json").write_text(json.dumps({"fn": seconds}))
         monkeypatch.setattr(Jitted, "store", lambda self, *a, **k: time.sleep(0.01))
         fast = lf.jit(step, background=True)
         s = lf.tree.map(torch.clone, state)

@@ -115,6 +115,8 @@ def evict(folder: Path, keep: str) -> None:
     entries = []
     total = 0
     for m in folder.glob("*.json"):
+        if m.name.startswith("."):  # lightfn's own notes (pathlib's glob matches dotfiles)
+            continue
         key = m.stem
         try:
             stamp = m.stat().st_mtime
