@@ -60,6 +60,7 @@ def worth_building(*, eager_left: float | None, build_seconds: float) -> bool:
     time left (None: unbounded)."""
     return eager_left is None or eager_left >= PAYOFF * build_seconds
 
+
 _TIMES = ".build-seconds.json"  # in the AOT folder (a dotfile: not a manifest): seconds per job name
 
 
