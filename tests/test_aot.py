@@ -155,7 +155,7 @@ def test_repeat_calls_find_the_artifact_by_exact_call(aot_cache, monkeypatch):
         state, m = jitted(state, b)
         history.append(m["loss"])
     assert len(jitted._calls) == 2  # batch 8, batch 5
-    assert len({id(step) for step, _, _ in jitted._calls.values()}) == 1
+    assert len({id(cached) for cached, _, _ in jitted._calls.values()}) == 1
     assert _aot.stats() == {"traces": 0, "builds": 0, "loads": 1, "rebuilds": 0, "fallbacks": 0}
     _, eager = run_steps(step, make_problem()[1], [batches[0], batches[1], batches[2][:5], batches[2][:5]])
     for got, want in zip(history, eager):
@@ -170,7 +170,7 @@ def test_the_exact_call_key_sees_layout_dtype_grad_and_structure():
     assert call_key(({"a": torch.ones(4, 3)}, 2), {})[0] == base  # values never matter
     assert call_key(({"a": torch.zeros(3, 4).t()}, 2), {})[0] != base  # non-contiguous
     assert call_key(({"a": x.double()}, 2), {})[0] != base
-    assert call_key(({"a": x.requires_grad_(False).clone().requires_grad_()}, 2), {})[0] != base
+    assert call_key(({"a": x.clone().requires_grad_()}, 2), {})[0] != base
     assert call_key(({"a": x}, 3), {})[0] != base  # a constant
     assert call_key(({"b": x}, 2), {})[0] != base  # the structure
     assert call_key(({"a": torch.nn.Parameter(x)}, 2), {})[0] != base  # the tensor type
