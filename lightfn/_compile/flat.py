@@ -161,10 +161,7 @@ class CachedStep:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs = Inputs(args, kwargs, self.dynamic_argnums, self.static)
-        return self.call_flat(inputs.tensors, inputs.arg_defs)
-
-    def call_flat(self, tensors: Sequence[torch.Tensor], arg_defs: list[Any]) -> Any:
-        return self.run(tensors, decoder(self.out_spec, arg_defs))
+        return self.run(inputs.tensors, decoder(self.out_spec, inputs.arg_defs))
 
     def run(self, tensors: Sequence[torch.Tensor], decode: Callable[[Any], Any]) -> Any:
         """The graph on ``tensors``, its outputs rebuilt by ``decode`` (:func:`decoder`)."""
