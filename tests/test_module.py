@@ -112,3 +112,62 @@ def test_mode_keyword_renames_the_switch_and_passes_train_through():
     torch.testing.assert_close(apply_d(pd, x, training_mode=False), d.eval()(x))
     with pytest.raises(lf.StepError, match="mode_keyword"):
         lf.functionalize(d, mode_keyword="not a name")
+
+
+class _Shared(nn.Module):
+    """Tied weights, a submodule used twice and a buffer: every kind of slot apply fills."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.block = nn.Linear(4, 4)
+        self.again = self.block  # one module under two names
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight
+        self.register_buffer("shift", torch.full((4,), 0.5))
+        self.fail = False
+
+    def forward(self, i):
+        if self.fail:
+            raise RuntimeError("forward failed")
+        return self.out(self.again(self.block(self.emb(i))) + self.shift)
+
+
+def test_eager_apply_swaps_like_functional_call_and_keeps_no_tensor():
+    import gc
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Traced(TorchDispatchMode):  # not plain eager: apply takes torch's functional_call
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    m = _Shared()
+    apply, params = lf.functionalize(m)
+    assert sorted(params) == ["block.bias", "block.weight", "emb.weight"]
+    i = torch.tensor([[1, 2, 3]])
+    new = {k: torch.randn_like(v) for k, v in params.items()}
+    fast = apply(new, i)
+    with Traced():
+        slow = apply(new, i)
+    assert torch.equal(fast, slow)
+    torch.testing.assert_close(apply(params, i), m(i))
+    g = lf.grad(lambda p: apply(p, i).square().sum())(params)
+    m(i).square().sum().backward()
+    torch.testing.assert_close(g["emb.weight"], m.emb.weight.grad)  # both uses of the tied weight
+    torch.testing.assert_close(g["block.weight"], m.block.weight.grad)
+
+    # the skeleton lets go of the caller's tensors, also when forward raises
+    failing = _Shared()
+    failing.fail = True
+    apply_failing, p_failing = lf.functionalize(failing)
+    refs = [weakref.ref(t) for t in new.values()]
+    gone = {k: torch.randn_like(v) for k, v in p_failing.items()}
+    gone_refs = [weakref.ref(t) for t in gone.values()]
+    with pytest.raises(RuntimeError, match="forward failed"):
+        apply_failing(gone, i)
+    del new, fast, slow, gone
+    gc.collect()
+    assert all(r() is None for r in refs + gone_refs)
