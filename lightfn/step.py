@@ -52,6 +52,7 @@ scaling, trainable subsets and the eager fast path (the precision table is in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -67,11 +68,13 @@ from .optim import GradientTransformation, apply_updates
 from .optim._checks import with_types_of
 from .freezing import partition, split_leaves
 from .state import LossScale, TrainState
-from ._eager import plain_eager
+from ._eager import global_rng_state, plain_eager, same_rng_state, set_global_rng_state
 from .transforms import autograd_value_and_grad, value_and_grad
 from ._precision import PRECISIONS, TRUE_DTYPES, autocast_for, batch_dtype_of, check_precision, update_loss_scale
 
 __all__ = ["TrainStep", "EvalStep", "train_step", "eval_step", "PRECISIONS"]
+
+_NO_SCOPE = contextlib.nullcontext()
 
 def _split_output(out: Any, with_state: bool) -> tuple[Any, dict[str, Any], Any]:
     """Normalize loss_fn's return value to (loss, metrics, new_buffers), checking its form."""
@@ -155,6 +158,9 @@ class TrainStep:
     trainable: Any = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
+        # What plain eager calls learned about loss_fn (whether it draws random numbers):
+        # outside the fields, so neither equality nor the compile cache's key sees it.
+        object.__setattr__(self, "_learned", {})
         check_precision(self.precision)
         if self.grad_fn is not None and self.precision == "16-mixed":
             raise StepError(
@@ -201,7 +207,7 @@ class TrainStep:
             # user runs with autocast disabled would get bf16 gradients. Attention dropout,
             # whose CPU kernel mixes dtypes under torch.func.grad + autocast, is rewritten by
             # rng_scope as plain ops (lightfn/random/_attention.py).
-            with autocast_for(self.precision, params), lf_random.rng_scope(key):
+            with autocast_for(self.precision, params), (lf_random.rng_scope(key) if key is not None else _NO_SCOPE):
                 if self.with_state:
                     out = self.loss_fn(params, state.buffers, batch)
                 else:
@@ -221,7 +227,7 @@ class TrainStep:
             loss_of = lambda p, b, k: objective(to_params(p), b, k)  # noqa: E731
         # Eagerly, torch.func.grad_and_value costs as much again as the backward; plain
         # autograd computes the same grads. Traced, vmapped or captured steps keep torch.func.
-        fast = autograd_value_and_grad(loss_of, has_aux=True)(diff_in, batch, key) if eager else None
+        fast = self._eager_grads(loss_of, diff_in, batch, key) if eager else None
         if fast is not None:
             (_, (loss, metrics, new_buffers)), grads = fast
         elif self.grad_fn is None:
@@ -252,6 +258,28 @@ class TrainStep:
         if scaling:
             out["loss_scale"] = state.loss_scale.scale.detach()
         return new_state, out
+
+    def _eager_grads(self, loss_of: Callable[..., Any], diff_in: Any, batch: Any, key: Any) -> Any:
+        """Plain autograd's ``((value, aux), grads)``, or None where torch.func must take them.
+
+        Until the loss has once drawn a random number, it runs without ``rng_scope``, whose
+        function mode every torch call in the loss would pass through (about 10 us each).
+        A call that did draw left torch's global generators advanced: they are put back and
+        the call runs again inside the scope, as does every later call of this step, so
+        every draw comes from the step's key as it does compiled. (A loss that draws only
+        through an explicit ``generator=`` or inside ``torch.random.fork_rng`` is not seen
+        to draw: those draws are the caller's, not the key's.)
+        """
+        grads_of = autograd_value_and_grad(loss_of, has_aux=True)
+        if self._learned.get("draws"):
+            return grads_of(diff_in, batch, key)
+        before = global_rng_state()
+        out = grads_of(diff_in, batch, None)
+        if out is None or same_rng_state(before, global_rng_state()):
+            return out
+        set_global_rng_state(before)
+        self._learned["draws"] = True
+        return grads_of(diff_in, batch, key)
 
     def _update(self, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
         if self.trainable is None or torch.compiler.is_compiling():

@@ -183,6 +183,46 @@ def test_eager_step_equals_the_functional_path_the_compiler_traces(kind):
     assert int(fast.step) == 5 and all(not x.requires_grad for x in lf.tree.leaves(fast))
 
 
+def test_eager_step_opens_the_rng_scope_once_the_loss_draws_and_draws_from_the_key():
+    # Plain eager, a loss runs outside rng_scope until it draws: a draw is seen on torch's
+    # global generator, which is put back, and the call runs again inside the scope, as
+    # does every later call. Numbers equal the functional path's, which always has the scope.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 6)).double()
+    apply, params = lf.functionalize(net)
+    calls, draw_now = [], [False]
+
+    def loss_fn(p, batch):
+        calls.append(1)
+        y = apply(p, batch)
+        if draw_now[0]:  # some steps draw, some do not
+            y = y + 0.1 * torch.randn(y.shape, dtype=y.dtype)
+        return nn.functional.mse_loss(y, batch)
+
+    opt = lf.optim.adam(1e-2)
+    step = lf.train_step(loss_fn, opt)
+    fast = slow = lf.TrainState.create(params=params, optimizer=opt, seed=3)
+    g = torch.Generator().manual_seed(1)
+    per_call = []
+    for k, draw in enumerate([False, False, True, False, True]):
+        draw_now[0] = draw
+        x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+        global_before = torch.get_rng_state()
+        calls.clear()
+        fast, m_fast = step(fast, x)
+        per_call.append(len(calls))
+        assert torch.equal(torch.get_rng_state(), global_before), f"step {k} moved the global generator"
+        with _Functional():
+            slow, m_slow = step(slow, x)
+        assert torch.equal(m_fast["loss"], m_slow["loss"]), k
+    # no draw: one call each; the first draw: a second call inside the scope; then one each
+    assert per_call == [1, 1, 2, 1, 1]
+    for a, b in zip(lf.tree.leaves(fast), lf.tree.leaves(slow)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # what the step learned is no part of its identity (equality, the compile cache's key)
+    assert step == lf.train_step(loss_fn, opt)
+
+
 def test_eager_step_with_params_that_require_grad_keeps_torch_func_semantics():
     # torch.func connects grads of leaves that already require grad to the caller's graph;
     # the eager shortcut would not, so such a state takes the torch.func path.
