@@ -11,7 +11,8 @@ lightfn, checkpoints and logs written), ``steps``.
 This file imports nothing beyond the standard library before the system's own imports:
 what it measures is what the system's user pays. The job is the main job's (bash
 scripts/run.sh runs examples/autoencoder.py): the seed autoencoder (784-64-3-64-784),
-Adam 1e-3, batch 64, MNIST's 55k/5k split, validation after every epoch.
+Adam 1e-3, batch 64, MNIST's 55k/5k split, validation after every epoch; the
+``lightfn_cnn*`` systems run examples/mnist_classifier.py's job instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 
 T0 = float(os.environ.get("LIGHTFN_BENCH_T0") or time.time())
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-LR, BATCH, VAL_BATCH, SEED = 1e-3, 64, 500, 0
+LR, BATCH, CNN_BATCH, VAL_BATCH, SEED = 1e-3, 64, 128, 500, 0
 
 
 def now() -> float:
@@ -67,19 +68,71 @@ def run_lightfn(args, marks: dict, *, jit: bool | str) -> None:
     csv = lf.loggers.CSVLogger(args.out, name="", version=tensorboard.version)
     checkpoint = lf.callbacks.ModelCheckpoint(tensorboard.log_dir / "checkpoints", monitor="val/loss", save_last=True)
 
-    class FirstStep(lf.callbacks.Callback):
-        def on_train_batch_end(self, ctx):
-            marks.setdefault("first_step_s", now())
-
     state = fit(
         lf.train_step(model.loss_fn, opt), state, train, val_data=val, eval_step=lf.eval_step(model.loss_fn),
         max_epochs=args.epochs, limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
-        jit=jit, callbacks=[checkpoint, lf.callbacks.ProgressLog(max_epochs=args.epochs), FirstStep()],
+        jit=jit, callbacks=[checkpoint, lf.callbacks.ProgressLog(max_epochs=args.epochs), _first_step(lf, marks)],
         loggers=[tensorboard, csv],
     )
     for logger in (tensorboard, csv):
         logger.close()
     marks["steps"] = int(state.step)
+
+
+def run_lightfn_cnn(args, marks: dict, *, jit: bool) -> None:
+    """examples/mnist_classifier.py's job: its BatchNorm + dropout CNN, batch 128, explicit
+    buffers, accuracy, early stopping and a checkpoint on val/acc, a CSV log."""
+    import torch  # noqa: F401
+
+    marks["import_torch_s"] = now()
+    sys.path.insert(0, str(EXAMPLES))
+    import argparse
+
+    import torch.nn.functional as F
+
+    import lightfn as lf
+    from lightfn.fit import fit
+
+    from _common import setup
+    from _data import load_mnist
+    from mnist_classifier import cnn
+
+    setup(argparse.Namespace(seed=SEED, threads=args.threads))
+    data = load_mnist(args.data_dir, download=False)
+    apply, params, buffers = lf.functionalize(cnn(), with_state=True)
+
+    def make_loss(train: bool):
+        def loss_fn(params, buffers, batch):
+            x, y = batch
+            logits, new_buffers = apply(params, buffers, x, train=train)
+            return F.cross_entropy(logits, y), {"acc": (logits.argmax(dim=1) == y).float().mean()}, new_buffers
+
+        return loss_fn
+
+    opt = lf.optim.adam(LR)
+    state = lf.TrainState.create(params=params, buffers=buffers, optimizer=opt, seed=SEED)
+    train = lf.data.ArrayLoader((data.train_images, data.train_labels), batch_size=CNN_BATCH, seed=SEED)
+    val = lf.data.ArrayLoader((data.val_images, data.val_labels), batch_size=VAL_BATCH, shuffle=False, drop_last=False)
+    csv = lf.loggers.CSVLogger(args.out, name="")
+    callbacks = [lf.callbacks.EarlyStopping(monitor="val/acc", mode="max", patience=2),
+                 lf.callbacks.ModelCheckpoint(csv.log_dir / "checkpoints", monitor="val/acc", mode="max"),
+                 lf.callbacks.ProgressLog(max_epochs=args.epochs), _first_step(lf, marks)]
+    state = fit(
+        lf.train_step(make_loss(True), opt, with_state=True), state, train,
+        val_data=val, eval_step=lf.eval_step(make_loss(False), with_state=True),
+        max_epochs=args.epochs, limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
+        jit=jit, callbacks=callbacks, loggers=[csv],
+    )
+    csv.close()
+    marks["steps"] = int(state.step)
+
+
+def _first_step(lf, marks: dict):
+    class FirstStep(lf.callbacks.Callback):
+        def on_train_batch_end(self, ctx):
+            marks.setdefault("first_step_s", now())
+
+    return FirstStep()
 
 
 def run_torch(args, marks: dict) -> None:
@@ -216,6 +269,8 @@ SYSTEMS = {
     "lightfn": lambda a, m: run_lightfn(a, m, jit=True),  # fit's default: compiled in the background
     "lightfn_sync": lambda a, m: run_lightfn(a, m, jit="sync"),  # compiled before the first step
     "lightfn_eager": lambda a, m: run_lightfn(a, m, jit=False),
+    "lightfn_cnn": lambda a, m: run_lightfn_cnn(a, m, jit=True),
+    "lightfn_cnn_eager": lambda a, m: run_lightfn_cnn(a, m, jit=False),
     "torch_loop": run_torch,
     "lightning": run_lightning,
     "jax": run_jax,

@@ -27,7 +27,11 @@ Rows:
 - ``lightfn_eager``: ``fit(..., jit=False)``;
 - ``torch_loop``: a plain ``torch.optim.Adam`` loop over the same data;
 - ``lightning``, ``jax``: the same job in Lightning and in JAX + optax (``jax.jit`` step),
-  when importable; else the row says "not installed" (nothing is installed for it).
+  when importable; else the row says "not installed" (nothing is installed for it);
+- ``cnn_eager`` / ``cnn_cold`` / ``cnn_warm``: another job, for its first step:
+  ``examples/mnist_classifier.py``'s BatchNorm + dropout CNN (batch 128, ``--cnn-epochs``,
+  default 1), ``jit=False``, then fit's default on empty folders of its own and again
+  once the cold row's build has finished.
 
 ``--quick`` runs 1 epoch of 5 train and 2 validation batches, and by default only the rows
 that compile nothing (import_torch, torch_loop, lightfn_eager).
@@ -51,10 +55,13 @@ import _common as C  # noqa: E402
 
 PROBE = C.HERE / "_startup_probe.py"
 ROWS = ("import_torch", "torch_loop", "lightfn_eager", "lightfn_cold", "lightfn_warm", "lightfn_sync_cold",
-        "lightfn_sync_warm", "lightfn_aot_cold", "lightfn_aot_warm", "lightning", "jax")
+        "lightfn_sync_warm", "lightfn_aot_cold", "lightfn_aot_warm", "lightning", "jax", "cnn_eager", "cnn_cold", "cnn_warm")
 QUICK_ROWS = ("import_torch", "torch_loop", "lightfn_eager")
 _SYSTEM = {"lightfn_cold": "lightfn", "lightfn_warm": "lightfn", "lightfn_sync_cold": "lightfn_sync",
-           "lightfn_sync_warm": "lightfn_sync", "lightfn_aot_cold": "lightfn_sync", "lightfn_aot_warm": "lightfn_sync"}
+           "lightfn_sync_warm": "lightfn_sync", "lightfn_aot_cold": "lightfn_sync", "lightfn_aot_warm": "lightfn_sync",
+           "cnn_eager": "lightfn_cnn_eager", "cnn_cold": "lightfn_cnn", "cnn_warm": "lightfn_cnn"}
+# rows whose (detached) background build the next rows must not share the cores with
+_BUILDS = ("lightfn_cold", "cnn_cold")
 _NEEDS = {"lightning": (("lightning", "pytorch_lightning"),), "jax": (("jax",), ("optax",))}
 
 
@@ -70,7 +77,7 @@ def run_row(row: str, args: argparse.Namespace, work: pathlib.Path, env: dict[st
     """One fresh process for ``row``: its marks (seconds since start) plus ``exit_s``."""
     out = work / row
     argv = [sys.executable, str(PROBE), _SYSTEM.get(row, row), "--data-dir", str(args.data_dir), "--out", str(out),
-            "--epochs", str(args.epochs), "--threads", str(args.threads)]
+            "--epochs", str(args.cnn_epochs if row.startswith("cnn_") else args.epochs), "--threads", str(args.threads)]
     for flag, value in (("--limit-train-batches", args.limit_train_batches), ("--limit-val-batches", args.limit_val_batches)):
         if value is not None:
             argv += [flag, str(value)]
@@ -95,7 +102,7 @@ def measure(rows: list[str], args: argparse.Namespace) -> tuple[list[dict[str, A
                     "LIGHTFN_CACHE_DIR": str(work / family / "lightfn")}
 
         families = {"lightfn": caches("default"), "lightfn_sync": caches("sync"),
-                    "lightfn_aot": {**caches("aot"), "LIGHTFN_AOT": "1"}}
+                    "lightfn_aot": {**caches("aot"), "LIGHTFN_AOT": "1"}, "cnn": caches("cnn")}
         for row in rows:
             why = missing(row)
             if why is not None:
@@ -106,7 +113,7 @@ def measure(rows: list[str], args: argparse.Namespace) -> tuple[list[dict[str, A
             env = families[row.rsplit("_", 1)[0]] if row in _SYSTEM else {}
             t0 = time.time()
             r = {"row": row, "status": "ok", **run_row(row, args, work, env)}
-            if row == "lightfn_cold":
+            if row in _BUILDS:
                 # the warm row (and every other row) must not share the cores with the build
                 C.wait_for_build(pathlib.Path(env["LIGHTFN_CACHE_DIR"]))
                 r["build_done_s"] = time.time() - t0
@@ -129,8 +136,9 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
             if base is not None:
                 r["first_step_after_import_torch_s"] = r["first_step_s"] - base
         for ref in ("torch_loop", "lightning"):
-            # end to end = until the process has exited (a background build does not hold it)
-            if ref in by and "first_step_s" in r:
+            # end to end = until the process has exited (a background build does not hold it);
+            # the CNN rows run another job
+            if ref in by and "first_step_s" in r and not r["row"].startswith("cnn_"):
                 r[f"end_vs_{ref}"] = r["exit_s"] / by[ref]["exit_s"]
 
 
@@ -141,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROWS)} (default: all; --quick: "
                    f"{','.join(QUICK_ROWS)})")
     p.add_argument("--epochs", type=int, default=20, help="epochs of the main job (default 20)")
+    p.add_argument("--cnn-epochs", type=int, default=1, help="epochs of the cnn_* rows' job (default 1: they are there "
+                   "for their first step)")
     p.add_argument("--limit-train-batches", type=int, default=None, help="train batches per epoch (default: all)")
     p.add_argument("--limit-val-batches", type=int, default=None, help="validation batches per epoch (default: all)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads in each job (default 1, as the main job)")
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    for family in ("lightfn", "lightfn_sync", "lightfn_aot"):
+    for family in ("lightfn", "lightfn_sync", "lightfn_aot", "cnn"):
         if f"{family}_warm" in rows and f"{family}_cold" not in rows:
             p.error(f"{family}_warm reuses the cache {family}_cold fills: ask for both")
 
@@ -168,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         ("build_done_s", "background build done (s)", "{:.1f}"), ("end_vs_torch_loop", "exit / torch loop", "{:.2f}x"),
         ("end_vs_lightning", "exit / Lightning", "{:.2f}x"), ("status", "status", ""),
     ])
-    steps = next((r["steps"] for r in results if r.get("steps")), None)
-    print(f"\nmain job (seed autoencoder, {args.epochs} epoch(s), {steps} steps), {args.threads} thread(s), fresh processes")
+    def steps(cnn: bool) -> Any:
+        return next((r["steps"] for r in results if r.get("steps") and r["row"].startswith("cnn_") == cnn), None)
+
+    jobs = [f"main job (seed autoencoder, {args.epochs} epoch(s), {steps(False)} steps)" if steps(False) else "",
+            f"cnn_* rows: mnist_classifier's CNN ({args.cnn_epochs} epoch(s), {steps(True)} steps)" if steps(True) else ""]
+    print(f"\n{'; '.join(j for j in jobs if j)}; {args.threads} thread(s), fresh processes")
     print(table)
     payload = {"benchmark": "startup", "machine": C.machine_info(),
                "settings": {"epochs": args.epochs, "limit_train_batches": args.limit_train_batches,

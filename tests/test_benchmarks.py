@@ -104,9 +104,13 @@ def test_scaling(tmp_path):
 
 def test_startup(tmp_path):
     # --quick: fresh processes for the rows that compile nothing, 5 steps of the main job.
-    result = _run("startup.py", tmp_path / "st.json", "--rows", "import_torch,torch_loop,lightfn_eager,lightning,jax")
+    result = _run("startup.py", tmp_path / "st.json", "--rows", "import_torch,torch_loop,lightfn_eager,lightning,jax,cnn_eager")
     rows = {r["row"]: r for r in result["rows"]}
-    assert list(rows) == ["import_torch", "torch_loop", "lightfn_eager", "lightning", "jax"]
+    assert list(rows) == ["import_torch", "torch_loop", "lightfn_eager", "lightning", "jax", "cnn_eager"]
+    # the CNN's job (mnist_classifier's) is another job: its first step, no ratio to the main job's
+    cnn = rows["cnn_eager"]
+    _positive(cnn, "first_step_s", "first_step_after_own_import_s", "end_s")
+    assert cnn["steps"] == 5 and "end_vs_torch_loop" not in cnn
     _positive(rows["import_torch"], "import_torch_s", "end_s", "exit_s")
     for name in ("torch_loop", "lightfn_eager"):
         r = rows[name]
