@@ -186,6 +186,7 @@ def functionalize(
         if plain_eager():
             return swappers[train](values, args, kwargs)
         return functional_call(skeletons[train], values, args, kwargs, tie_weights=True)
+
     param_keys, buffer_keys = frozenset(params), frozenset(buffers)
 
     if with_state:

@@ -76,6 +76,7 @@ __all__ = ["TrainStep", "EvalStep", "train_step", "eval_step", "PRECISIONS"]
 
 _NO_SCOPE = contextlib.nullcontext()
 
+
 def _split_output(out: Any, with_state: bool) -> tuple[Any, dict[str, Any], Any]:
     """Normalize loss_fn's return value to (loss, metrics, new_buffers), checking its form."""
     if with_state:
@@ -266,9 +267,10 @@ class TrainStep:
         function mode every torch call in the loss would pass through (about 10 us each).
         A call that did draw left torch's global generators advanced: they are put back and
         the call runs again inside the scope, as does every later call of this step, so
-        every draw comes from the step's key as it does compiled. (A loss that draws only
-        through an explicit ``generator=`` or inside ``torch.random.fork_rng`` is not seen
-        to draw: those draws are the caller's, not the key's.)
+        every draw comes from the step's key as it does compiled. (Not seen: a loss that
+        draws only through an explicit ``generator=`` or inside ``torch.random.fork_rng``,
+        which leave the global generators as they were. Such draws come from that generator
+        eagerly and from the key compiled; draw without them inside a step.)
         """
         grads_of = autograd_value_and_grad(loss_of, has_aux=True)
         if self._learned.get("draws"):
