@@ -83,7 +83,7 @@ ComputeFn = Callable[[dict[str, Any]], Mapping[str, Any]]
 
 
 @tree.pytree_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # identity equality: see lf.tree.pytree_dataclass
 class Sum:
     """A metric state to sum over batches and ranks (see the module docstring).
 

@@ -26,7 +26,7 @@ def shard_size_of(total: int, world_size: int) -> int:
     return max(1, -(-total // world_size))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ShardLayout:
     """Where each param lives in the flat vector, and how it is cut into shards.
 
@@ -42,6 +42,22 @@ class ShardLayout:
     # The params tree with leaf i replaced by the int i: rebuilding through lf.tree.map
     # traces under dynamo, whose pytree polyfill refuses a real optree treedef.
     skeleton: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+
+    def _identity(self) -> tuple[Any, ...]:
+        return (self.treedef, self.paths, self.shapes, self.dtype, self.world_size)
+
+    def __eq__(self, other: object) -> bool:
+        # One layout object is shared by every node a step builds from it: the identity test
+        # settles their comparison without reading treedef, which torch 2.11's dynamo cannot
+        # compare while walking several trees (its pytree polyfill compares node metadata).
+        if self is other:
+            return True
+        if not isinstance(other, ShardLayout):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
 
     @property
     def numels(self) -> tuple[int, ...]:

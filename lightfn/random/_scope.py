@@ -46,7 +46,12 @@ class rng_scope(TorchFunctionMode):
     Under ``torch.compile`` (torch 2.14) dropout, ``rand``, ``randint``, ``bernoulli`` and
     ``uniform_`` give the same bits as eagerly and normal draws agree to float rounding,
     but dynamo does not route ``rand_like``/``randn_like`` through function modes: inside
-    compiled steps write ``torch.rand(x.shape)`` or use :func:`uniform` with a key.
+    compiled steps write ``torch.rand(x.shape)`` or use :func:`uniform` with a key. Torch
+    2.11's dynamo does not route ``rand``/``randn``/``randint`` either (dropout,
+    ``bernoulli`` and ``uniform_`` it does): there, steps that ``torch.compile`` compiles
+    should draw with :func:`uniform`/:func:`normal`/:func:`randint` and a key. ``fit``'s
+    default compiled steps are captured without dynamo (``make_fx``), where every
+    function above is routed on both versions.
 
     ``key`` may also be a function of no arguments that returns the key: it is called on the
     scope's first random draw, and never if nothing is drawn (``lf.train_step`` passes

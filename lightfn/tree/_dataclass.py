@@ -30,9 +30,14 @@ def pytree_dataclass(cls: type[T]) -> type[T]:
     :func:`static_field`. Registered both with optree (namespace :data:`NAMESPACE`) and
     with ``torch.utils._pytree`` so ``torch.export`` and ``torch.func`` see through it.
     Adds ``.replace(**changes)``.
+
+    Instances compare by identity (``eq=False``): a field-by-field ``==`` over tensors has no
+    single truth value anyway, and a node type that defines ``__eq__`` breaks walks over
+    several trees under torch 2.11's ``torch.compile`` (its pytree polyfill compares node
+    types by calling ``type.__eq__``). A class that is a dataclass already keeps its own.
     """
     if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
-        cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+        cls = dataclasses.dataclass(frozen=True, kw_only=True, eq=False)(cls)
     fields = dataclasses.fields(cls)
     children = tuple(f.name for f in fields if not f.metadata.get("lightfn_static"))
     statics = tuple(f.name for f in fields if f.metadata.get("lightfn_static"))
