@@ -220,7 +220,10 @@ def test_eager_step_opens_the_rng_scope_once_the_loss_draws_and_draws_from_the_k
     for a, b in zip(lf.tree.leaves(fast), lf.tree.leaves(slow)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     # what the step learned is no part of its identity (equality, the compile cache's key)
-    assert step == lf.train_step(loss_fn, opt)
+    from lightfn._compile.key import fingerprint
+
+    fresh = lf.train_step(loss_fn, opt)
+    assert step == fresh and fingerprint(step) == fingerprint(fresh)
 
 
 def test_eager_step_with_params_that_require_grad_keeps_torch_func_semantics():
