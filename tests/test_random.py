@@ -108,7 +108,6 @@ def test_draws_captured_without_dynamo_equal_eager():
 
 def test_attention_dropout_is_keyed_and_trains_transformer_layers_in_mixed_precision():
     # SDPA's dropout bypassed the scope (global RNG) and crashed under torch.func.grad + autocast.
-    import lightfn as lf
     torch.manual_seed(0)
     q = torch.randn(2, 2, 4, 8)
     with R.rng_scope(R.key(3)):
