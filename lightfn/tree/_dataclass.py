@@ -33,8 +33,9 @@ def pytree_dataclass(cls: type[T]) -> type[T]:
 
     Instances compare by identity (``eq=False``): a field-by-field ``==`` over tensors has no
     single truth value anyway, and a node type that defines ``__eq__`` breaks walks over
-    several trees under torch 2.11's ``torch.compile`` (its pytree polyfill compares node
-    types by calling ``type.__eq__``). A class that is a dataclass already keeps its own.
+    several trees under torch 2.11's ``torch.compile`` (its pytree polyfill compares two
+    node types by calling the first one's ``__eq__`` on the class itself). A class that is
+    a dataclass already keeps its own ``__eq__``: declare it with ``eq=False`` for torch 2.11.
     """
     if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
         cls = dataclasses.dataclass(frozen=True, kw_only=True, eq=False)(cls)
