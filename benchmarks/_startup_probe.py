@@ -88,26 +88,16 @@ def run_lightfn_cnn(args, marks: dict, *, jit: bool) -> None:
     sys.path.insert(0, str(EXAMPLES))
     import argparse
 
-    import torch.nn.functional as F
-
     import lightfn as lf
     from lightfn.fit import fit
 
     from _common import setup
     from _data import load_mnist
-    from mnist_classifier import cnn
+    from mnist_classifier import cnn, make_loss
 
     setup(argparse.Namespace(seed=SEED, threads=args.threads))
     data = load_mnist(args.data_dir, download=False)
     apply, params, buffers = lf.functionalize(cnn(), with_state=True)
-
-    def make_loss(train: bool):
-        def loss_fn(params, buffers, batch):
-            x, y = batch
-            logits, new_buffers = apply(params, buffers, x, train=train)
-            return F.cross_entropy(logits, y), {"acc": (logits.argmax(dim=1) == y).float().mean()}, new_buffers
-
-        return loss_fn
 
     opt = lf.optim.adam(LR)
     state = lf.TrainState.create(params=params, buffers=buffers, optimizer=opt, seed=SEED)
@@ -118,8 +108,8 @@ def run_lightfn_cnn(args, marks: dict, *, jit: bool) -> None:
                  lf.callbacks.ModelCheckpoint(csv.log_dir / "checkpoints", monitor="val/acc", mode="max"),
                  lf.callbacks.ProgressLog(max_epochs=args.epochs), _first_step(lf, marks)]
     state = fit(
-        lf.train_step(make_loss(True), opt, with_state=True), state, train,
-        val_data=val, eval_step=lf.eval_step(make_loss(False), with_state=True),
+        lf.train_step(make_loss(apply, train=True), opt, with_state=True), state, train,
+        val_data=val, eval_step=lf.eval_step(make_loss(apply, train=False), with_state=True),
         max_epochs=args.epochs, limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
         jit=jit, callbacks=callbacks, loggers=[csv],
     )

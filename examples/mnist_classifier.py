@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,19 @@ def cnn() -> nn.Sequential:
     )
 
 
+def make_loss(apply: Callable[..., Any], *, train: bool) -> Callable[..., Any]:
+    """``loss_fn(params, buffers, batch) -> (loss, {"acc": ...}, new_buffers)`` of the
+    functionalized CNN, in training (batch statistics, dropout) or eval mode."""
+
+    def loss_fn(params, buffers, batch):
+        x, y = batch
+        logits, new_buffers = apply(params, buffers, x, train=train)
+        accuracy = (logits.argmax(dim=1) == y).float().mean()
+        return F.cross_entropy(logits, y), {"acc": accuracy}, new_buffers
+
+    return loss_fn
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = example_parser(__doc__.splitlines()[0], "mnist_classifier", max_epochs=8, batch_size=128, lr=1e-3)
     parser.add_argument("--patience", type=int, default=2, help="EarlyStopping patience, in validations")
@@ -45,16 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {data.source}: {len(data.train_images)} train / {len(data.val_images)} val images")
 
     apply, params, buffers = lf.functionalize(cnn(), with_state=True)
-
-    def make_loss(train: bool):
-        def loss_fn(params, buffers, batch):
-            x, y = batch
-            logits, new_buffers = apply(params, buffers, x, train=train)
-            accuracy = (logits.argmax(dim=1) == y).float().mean()
-            return F.cross_entropy(logits, y), {"acc": accuracy}, new_buffers
-
-        return loss_fn
-
     opt = lf.optim.adam(args.lr)
     state = lf.TrainState.create(params=params, buffers=buffers, optimizer=opt, seed=args.seed)
     train = lf.data.ArrayLoader((data.train_images, data.train_labels), batch_size=args.batch_size, seed=args.seed)
@@ -70,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(early stopping on val/acc, patience {args.patience}), {how}")
 
     state = fit(
-        lf.train_step(make_loss(train=True), opt, with_state=True), state, train,
-        val_data=val, eval_step=lf.eval_step(make_loss(train=False), with_state=True),
+        lf.train_step(make_loss(apply, train=True), opt, with_state=True), state, train,
+        val_data=val, eval_step=lf.eval_step(make_loss(apply, train=False), with_state=True),
         max_epochs=args.max_epochs, max_steps=args.max_steps,
         limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
         jit=jit_arg(args), callbacks=[early_stopping, checkpoint, printer], loggers=[logger],
